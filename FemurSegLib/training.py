@@ -1,0 +1,153 @@
+"""The recipe that trains FemurSeg's bundled model on phantoms, with nnU-Net's own planner and trainer.
+
+Why this configuration (DESIGN.md §4; measured on the 2-core CPU): the default 3d_fullres plan costs ~50 s per
+iteration, far beyond a two-hour budget. The bundled model keeps nnU-Net's 1 mm target spacing (accuracy at
+1 mm is the goal) but trains a narrow U-Net (8 -> 128 features) on 80 x 80 x 112 patches. At inference FemurSeg
+predicts the whole volume as one tile (the network is fully convolutional), which removes the sliding-window
+overlap cost; ``benchmarks/`` compares that with stock nnU-Net tiling on the same weights.
+
+The checkpoint is trained by the plain ``nnUNetTrainer`` class (only the epoch and iteration counts are set on
+the instance), so any nnU-Net v2 installation can load it. Training seeds start at ``TRAIN_SEED_START``;
+held-out seeds (1-999) are never used here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+TRAIN_SEED_START = 1000
+DATASET_ID = 500
+DATASET_NAME = f"Dataset{DATASET_ID}_FemurPhantom"
+CONFIGURATION = "3d_femurseg"
+MODEL_NAME = "FemurPhantom3dSmall"
+MODEL_VERSION = "1"
+
+ARCHITECTURE = {
+    "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+    "arch_kwargs": {
+        "n_stages": 5,
+        "features_per_stage": [8, 16, 32, 64, 128],
+        "conv_op": "torch.nn.modules.conv.Conv3d",
+        "kernel_sizes": [[1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]],
+        "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]],
+        "n_conv_per_stage": [2, 2, 2, 2, 2],
+        "n_conv_per_stage_decoder": [2, 2, 2, 2],
+        "conv_bias": True,
+        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+        "norm_op_kwargs": {"eps": 1e-05, "affine": True},
+        "dropout_op": None,
+        "dropout_op_kwargs": None,
+        "nonlin": "torch.nn.LeakyReLU",
+        "nonlin_kwargs": {"inplace": True},
+    },
+    "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
+}
+PATCH_SIZE = [80, 80, 112]
+BATCH_SIZE = 2
+
+
+def _set_nnunet_paths(work_dir: Path) -> None:
+    for variable, sub in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "preprocessed"), ("nnUNet_results", "results")):
+        (work_dir / sub).mkdir(parents=True, exist_ok=True)
+        os.environ[variable] = str(work_dir / sub)
+    os.environ.setdefault("nnUNet_n_proc_DA", "0")
+
+
+def write_phantom_dataset(raw_dataset: Path, count: int) -> None:
+    """Training cases from seeds TRAIN_SEED_START.. in nnU-Net's raw layout (skips cases already there)."""
+    from .imageio import write_image
+    from .phantom import generate_phantom
+
+    (raw_dataset / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (raw_dataset / "labelsTr").mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        seed = TRAIN_SEED_START + index
+        case = f"phantom{seed}"
+        label_path = raw_dataset / "labelsTr" / f"{case}.nii.gz"
+        if label_path.exists():
+            continue
+        ct, label, _ = generate_phantom(seed)
+        write_image(ct, raw_dataset / "imagesTr" / f"{case}_0000.nii.gz")
+        write_image(label, label_path)
+    dataset_json = {
+        "channel_names": {"0": "CT"},
+        "labels": {"background": 0, "femur": 1},
+        "numTraining": count,
+        "file_ending": ".nii.gz",
+        "name": "FemurPhantom",
+        "description": f"FemurSeg synthetic proximal femur QCT phantoms, seeds {TRAIN_SEED_START}-{TRAIN_SEED_START + count - 1}",
+    }
+    (raw_dataset / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
+
+
+def plan_and_preprocess(work_dir: Path) -> None:
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import (
+        extract_fingerprints,
+        plan_experiments,
+        preprocess,
+    )
+
+    extract_fingerprints([DATASET_ID], num_processes=2, check_dataset_integrity=True)
+    plan_experiments([DATASET_ID])
+    plans_path = work_dir / "preprocessed" / DATASET_NAME / "nnUNetPlans.json"
+    plans = json.loads(plans_path.read_text())
+    plans["configurations"][CONFIGURATION] = {
+        "inherits_from": "3d_fullres",
+        "patch_size": PATCH_SIZE,
+        "batch_size": BATCH_SIZE,
+        "architecture": ARCHITECTURE,
+    }
+    plans_path.write_text(json.dumps(plans, indent=2))
+    preprocess([DATASET_ID], configurations=(CONFIGURATION,), num_processes=(2,))
+
+
+def train(work_dir: Path, epochs: int, iterations_per_epoch: int) -> Path:
+    """Train fold 'all' with the plain nnUNetTrainer; resumes from checkpoint_latest.pth when present."""
+    import torch
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    preprocessed = work_dir / "preprocessed" / DATASET_NAME
+    plans = json.loads((preprocessed / "nnUNetPlans.json").read_text())
+    dataset_json = json.loads((preprocessed / "dataset.json").read_text())
+    trainer = nnUNetTrainer(plans, CONFIGURATION, "all", dataset_json, device=torch.device("cpu"))
+    trainer.num_epochs = epochs
+    trainer.num_iterations_per_epoch = iterations_per_epoch
+    trainer.num_val_iterations_per_epoch = 4
+    trainer.save_every = 1
+    latest = Path(trainer.output_folder) / "checkpoint_latest.pth"
+    if latest.exists():
+        trainer.load_checkpoint(str(latest))
+    trainer.run_training()
+    return Path(trainer.output_folder)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Train FemurSeg's bundled phantom model (nnU-Net v2, CPU).")
+    parser.add_argument("work_dir", type=Path)
+    parser.add_argument("--cases", type=int, default=40)
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--iterations", type=int, default=50)
+    parser.add_argument("--stage", choices=["data", "plan", "train", "all"], default="all")
+    args = parser.parse_args(argv)
+    work_dir = args.work_dir.resolve()
+    _set_nnunet_paths(work_dir)
+    started = time.time()
+    if args.stage in ("data", "all"):
+        write_phantom_dataset(work_dir / "raw" / DATASET_NAME, args.cases)
+        print(f"data ready after {time.time() - started:.0f} s", flush=True)
+    if args.stage in ("plan", "all"):
+        plan_and_preprocess(work_dir)
+        print(f"preprocessed after {time.time() - started:.0f} s", flush=True)
+    if args.stage in ("train", "all"):
+        output = train(work_dir, args.epochs, args.iterations)
+        print(f"trained into {output} after {time.time() - started:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
