@@ -18,6 +18,9 @@ import SimpleITK as sitk
 
 from .errors import FemurSegError
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 IMAGE_SUFFIXES = (".nrrd", ".nii.gz", ".nii", ".mha", ".mhd", ".seg.nrrd")
 
 
@@ -112,6 +115,7 @@ def atomic_path(final_path: str | os.PathLike) -> Iterator[Path]:
     temporary_path = Path(temporary)
     try:
         yield temporary_path
+        os.chmod(temporary_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file normal permissions
         _fsync_file(temporary_path)
         os.replace(temporary_path, final_path)
     except BaseException:

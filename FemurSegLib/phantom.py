@@ -87,7 +87,7 @@ def _draw_shape(rng: np.random.Generator, side: str) -> FemurShape:
         trabecular_hu=float(rng.uniform(100, 350)),
         marrow_hu=float(rng.uniform(-60, 30)),
         potting_hu=float(rng.uniform(120, 300)),
-        background_hu=float(rng.choice([-1000.0, 0.0])),
+        background_hu=float(rng.uniform(-20, 20)),  # specimens are scanned in water
         noise_hu=float(rng.uniform(15, 40)),
         blur_mm=float(rng.uniform(0.5, 0.8)),
     )

@@ -1,0 +1,202 @@
+"""The ``femurseg`` command line: every sub-command is a thin call into FemurSegLib.
+
+Errors the user can fix (FemurSegError) print as one line on stderr with exit code 2, never as a traceback,
+and no output file is left behind (all writes are atomic).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import FemurSegError
+
+
+def _cmd_phantom(args: argparse.Namespace) -> None:
+    from .imageio import write_image
+    from .phantom import generate_phantom
+
+    ct, label, shape = generate_phantom(args.seed, args.side)
+    write_image(ct, args.out_ct)
+    write_image(label, args.out_label)
+    print(f"phantom seed {args.seed}: {shape.side} femur, size {list(ct.GetSize())}, "
+          f"neck-shaft angle {shape.neck_shaft_angle:.0f} deg -> {args.out_ct}, {args.out_label}")
+
+
+def _fill_parameters(args: argparse.Namespace):
+    from .fill import FillParameters
+
+    try:
+        return FillParameters(threshold_hu=args.threshold, closing_radius_mm=args.closing_mm,
+                              max_ray_mm=args.max_ray_mm, max_open_directions=args.max_open)
+    except ValueError as error:
+        raise FemurSegError(f"Invalid fill parameter: {error}.") from None
+
+
+def _cmd_fill(args: argparse.Namespace) -> None:
+    from .fill import compute_fill
+    from .imageio import read_image, write_image
+
+    ct = read_image(args.ct, "CT")
+    fill = compute_fill(ct, _fill_parameters(args))
+    write_image(fill, args.out_label)
+    print(f"fill ({args.threshold:g} HU) -> {args.out_label}")
+
+
+def _cmd_compare(args: argparse.Namespace) -> None:
+    from .imageio import read_image, write_bytes_atomic
+    from .metrics import compare_images
+
+    agreement = compare_images(read_image(args.reference, "reference"), read_image(args.other, "segmentation"))
+    values = agreement.as_dict()
+    for key, value in values.items():
+        print(f"{key:22s} {value:.6f}")
+    if args.json:
+        write_bytes_atomic(args.json, (json.dumps(values, indent=2) + "\n").encode())
+
+
+def _progress_printer(json_lines: bool):
+    if json_lines:
+        def report(fraction: float, stage: str) -> None:
+            print(json.dumps({"progress": round(fraction, 4), "stage": stage}), flush=True)
+        return report
+    last = [-1]
+
+    def bar(fraction: float, stage: str) -> None:
+        filled = int(fraction * 30)
+        if filled != last[0] or fraction >= 1.0:
+            last[0] = filled
+            end = "\n" if fraction >= 1.0 else ""
+            print(f"\r[{'#' * filled}{'.' * (30 - filled)}] {fraction * 100:5.1f}% {stage:16s}", end=end,
+                  file=sys.stderr, flush=True)
+    return bar
+
+
+def _cmd_segment(args: argparse.Namespace) -> None:
+    from .imageio import read_image, write_image
+    from .inference import InferenceOptions, Segmenter
+    from .models import resolve_model
+
+    ct = read_image(args.ct, "CT")
+    model = resolve_model(args.model)
+    notify = (lambda message: print(json.dumps({"message": message}), flush=True)) if args.progress_json \
+        else (lambda message: print(message, file=sys.stderr))
+    options = InferenceOptions(device=args.device, fast=args.fast, whole_volume_tile=not args.stock_tiling)
+    segmenter = Segmenter(model.root, options, notify=notify)
+    label = segmenter.segment(ct, progress=_progress_printer(args.progress_json))
+    write_image(label, args.out_label)
+    if args.progress_json:
+        print(json.dumps({"done": str(args.out_label)}), flush=True)
+    else:
+        print(f"{model.name}: femur -> {args.out_label}")
+
+
+def _cmd_models(args: argparse.Namespace) -> None:
+    from .models import install_model, list_models, remove_model
+
+    if args.action == "list":
+        for model in list_models():
+            kind = "bundled" if model.bundled else "installed"
+            print(f"{model.name:32s} {kind:9s} folds {','.join(model.folds):8s} {model.trained_folder}")
+    elif args.action == "install":
+        if not args.target:
+            raise FemurSegError("Give the model zip or folder to install: femurseg models install PATH")
+        model = install_model(Path(args.target), name=args.name, trust_pickle=args.trust)
+        print(f"installed {model.name} -> {model.root}")
+    else:
+        if not args.target:
+            raise FemurSegError("Give the name of the model to remove: femurseg models remove NAME")
+        print(f"removed {remove_model(args.target)}")
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from .dataset import export_case
+
+    result = export_case(args.ct, args.label, Path(args.dataset_dir), args.case, test=args.test, replace=args.replace)
+    print(result.summary() if hasattr(result, "summary") else result)
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(Path(args.out), device=args.device)
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from .training import main as train_main
+
+    train_main([str(args.work_dir), "--cases", str(args.cases), "--epochs", str(args.epochs),
+                "--iterations", str(args.iterations)])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="femurseg", description="Proximal femur segmentation in CT.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("phantom", help="write a synthetic proximal femur CT and its exact label")
+    p.add_argument("out_ct"), p.add_argument("out_label")
+    p.add_argument("--seed", type=int, default=1), p.add_argument("--side", choices=["left", "right"])
+    p.set_defaults(func=_cmd_phantom)
+
+    p = sub.add_parser("fill", help="the classic threshold-and-morphology fill segmentation")
+    p.add_argument("ct"), p.add_argument("out_label")
+    p.add_argument("--threshold", type=float, default=350.0, help="bone threshold in HU (default 350)")
+    p.add_argument("--closing-mm", type=float, default=1.0)
+    p.add_argument("--max-ray-mm", type=float, default=30.0)
+    p.add_argument("--max-open", type=int, default=1, help="open ray directions (of 8) still counted as enclosed")
+    p.set_defaults(func=_cmd_fill)
+
+    p = sub.add_parser("compare", help="Dice, sensitivity, specificity, ASD, HD95 and volumes of two labels")
+    p.add_argument("reference"), p.add_argument("other"), p.add_argument("--json")
+    p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("segment", help="segment a CT with an nnU-Net femur model")
+    p.add_argument("ct"), p.add_argument("out_label")
+    p.add_argument("--model", help="installed model name or model folder (default: the bundled model)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
+                   help="skip test-time mirroring (default on; --no-fast mirrors 8x slower)")
+    p.add_argument("--stock-tiling", action="store_true", help="nnU-Net's sliding window instead of one tile")
+    p.add_argument("--progress-json", action="store_true", help="progress as JSON lines on stdout (for GUIs)")
+    p.set_defaults(func=_cmd_segment)
+
+    p = sub.add_parser("models", help="list, install or remove models")
+    p.add_argument("action", choices=["list", "install", "remove"]), p.add_argument("target", nargs="?")
+    p.add_argument("--name"), p.add_argument("--trust", action="store_true",
+                                             help="allow checkpoints that need the full pickle loader")
+    p.set_defaults(func=_cmd_models)
+
+    p = sub.add_parser("export", help="add a CT and its corrected label to an nnU-Net raw dataset")
+    p.add_argument("ct"), p.add_argument("label"), p.add_argument("dataset_dir")
+    p.add_argument("--case", required=True), p.add_argument("--test", action="store_true")
+    p.add_argument("--replace", action="store_true")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("demo", help="segment the bundled sample CT, run fill, compare and write a report")
+    p.add_argument("--out", default="demo-output"), p.add_argument("--device", default="auto")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("train-bundled", help="re-run the bundled model's training recipe (about 2 h on 2 CPU cores)")
+    p.add_argument("work_dir"), p.add_argument("--cases", type=int, default=40)
+    p.add_argument("--epochs", type=int, default=40), p.add_argument("--iterations", type=int, default=50)
+    p.set_defaults(func=_cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except FemurSegError as error:
+        print(f"femurseg: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("femurseg: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
