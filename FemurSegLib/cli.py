@@ -124,6 +124,13 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     run_demo(Path(args.out), device=args.device)
 
 
+def _cmd_web(args: argparse.Namespace) -> None:
+    from .web.server import serve
+
+    serve(host=args.host, port=args.port, datasets_root=Path(args.datasets_root) if args.datasets_root else None,
+          open_browser=False)
+
+
 def _cmd_train(args: argparse.Namespace) -> None:
     from .training import main as train_main
 
@@ -177,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="segment the bundled sample CT, run fill, compare and write a report")
     p.add_argument("--out", default="demo-output"), p.add_argument("--device", default="auto")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("web", help="serve FemurSeg in the browser (trame-slicer)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--datasets-root", help="exports are confined to this folder (default ~/FemurSeg-datasets)")
+    p.set_defaults(func=_cmd_web)
 
     p = sub.add_parser("train-bundled", help="re-run the bundled model's training recipe (about 2 h on 2 CPU cores)")
     p.add_argument("work_dir"), p.add_argument("--cases", type=int, default=40)

@@ -16,6 +16,8 @@ back. FemurSeg adds three things around it:
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import os
 import threading
@@ -121,13 +123,14 @@ class Segmenter:
         if self.device.type == "cpu":
             torch.set_num_threads(os.cpu_count() or 1)
         predictor_class = _make_predictor_class()
-        self.predictor = predictor_class(
-            tile_step_size=options.tile_step_size,
-            use_mirroring=not options.fast,
-            perform_everything_on_device=self.device.type == "cuda",
-            device=self.device,
-            allow_tqdm=False,
-        )
+        with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net prints a CUDA-only notice on every CPU start
+            self.predictor = predictor_class(
+                tile_step_size=options.tile_step_size,
+                use_mirroring=not options.fast,
+                perform_everything_on_device=self.device.type == "cuda",
+                device=self.device,
+                allow_tqdm=False,
+            )
         self.predictor.whole_volume_tile = options.whole_volume_tile
         folds = options.folds or self.model.folds
         with warnings.catch_warnings():

@@ -1,0 +1,127 @@
+"""The femurseg command line and the subprocess runner, as a user or a GUI calls them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from FemurSegLib.demo import SAMPLE_CT, SAMPLE_LABEL
+from FemurSegLib.metrics import compare_images
+from FemurSegLib.runner import SegmentationProcess
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def femurseg(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-m", "FemurSegLib", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=300)
+
+
+def test_phantom_fill_compare_round_trip(tmp_path):
+    ct, label, fill, report = (tmp_path / n for n in ("ct.nrrd", "label.nii.gz", "fill.mha", "metrics.json"))
+    assert femurseg("phantom", str(ct), str(label), "--seed", "3").returncode == 0
+    assert femurseg("fill", str(ct), str(fill), "--threshold", "350").returncode == 0
+    result = femurseg("compare", str(label), str(fill), "--json", str(report))
+    assert result.returncode == 0, result.stderr
+    values = json.loads(report.read_text())
+    expected = compare_images(sitk.ReadImage(str(label)), sitk.ReadImage(str(fill))).as_dict()
+    for key in ("dice", "sensitivity", "specificity", "asd_mm", "hd95_mm", "volume_ml_reference", "volume_ml_other"):
+        assert values[key] == pytest.approx(expected[key], abs=1e-9)
+    # Geometry survives every format.
+    written = sitk.ReadImage(str(fill))
+    assert written.GetOrigin() == sitk.ReadImage(str(ct)).GetOrigin()
+
+
+def write_bad_inputs(folder: Path) -> dict[str, Path]:
+    garbage = folder / "garbage.nrrd"
+    garbage.write_bytes(b"NRRD0004\nthis is not an image\n")
+    empty = folder / "empty.nii.gz"
+    empty.write_bytes(b"")
+    flat = folder / "flat.nrrd"
+    sitk.WriteImage(sitk.Image(40, 30, sitk.sitkInt16), str(flat))
+    single = folder / "single-slice.nrrd"
+    sitk.WriteImage(sitk.Image(40, 30, 1, sitk.sitkInt16), str(single))
+    four_d = folder / "four-d.nii.gz"
+    sitk.WriteImage(sitk.Image([8, 8, 8, 3], sitk.sitkInt16), str(four_d))
+    vector = folder / "vector.mha"
+    sitk.WriteImage(sitk.Image([8, 8, 8], sitk.sitkVectorFloat32, 3), str(vector))
+    return {"missing": folder / "missing.nrrd", "garbage": garbage, "empty": empty, "2D": flat,
+            "single slice": single, "4D": four_d, "vector": vector}
+
+
+@pytest.mark.parametrize("command", ["fill", "segment", "compare"])
+def test_bad_inputs_give_one_line_and_no_output(tmp_path, command):
+    for name, bad in write_bad_inputs(tmp_path).items():
+        out = tmp_path / f"out-{command}.nrrd"
+        args = [command, str(bad), str(out)] if command != "compare" else [command, str(SAMPLE_LABEL), str(bad)]
+        result = femurseg(*args)
+        assert result.returncode == 2, (name, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("femurseg: error:"), (name, result.stderr)
+        assert "Traceback" not in result.stderr
+        assert not out.exists() and not list(tmp_path.glob(".out-*")), f"{name}: output left behind"
+
+
+def test_compare_refuses_different_grids(tmp_path):
+    other = tmp_path / "other.nrrd"
+    image = sitk.ReadImage(str(SAMPLE_LABEL))
+    image.SetSpacing((1.0, 1.0, 1.2))
+    sitk.WriteImage(image, str(other))
+    result = femurseg("compare", str(SAMPLE_LABEL), str(other))
+    assert result.returncode == 2 and "same voxel grid" in result.stderr
+
+
+def test_output_into_missing_folder_is_refused(tmp_path):
+    result = femurseg("fill", str(SAMPLE_CT), str(tmp_path / "no" / "such" / "fill.nrrd"))
+    assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+def test_runner_reports_progress_and_writes_the_label(tmp_path):
+    output = tmp_path / "femur.nrrd"
+    process = SegmentationProcess(SAMPLE_CT, output, device="cpu")
+    seen: set[float] = set()
+    deadline = time.monotonic() + 240
+    while not process.poll().finished and time.monotonic() < deadline:
+        seen.add(process.state.progress)
+        time.sleep(0.05)
+    state = process.wait_for_completion(timeout_s=10)
+    assert state.error is None and state.output == output and output.is_file()
+    assert len(seen) > 2, "the caller saw progress move"
+    label = sitk.ReadImage(str(output))
+    assert label.GetSize() == sitk.ReadImage(str(SAMPLE_CT)).GetSize()
+    assert np.count_nonzero(sitk.GetArrayViewFromImage(label)) > 0
+
+
+def test_runner_cancel_kills_the_process_group_and_leaves_no_output(tmp_path):
+    output = tmp_path / "femur.nrrd"
+    process = SegmentationProcess(SAMPLE_CT, output, device="cpu")
+    deadline = time.monotonic() + 120
+    while process.poll().progress < 0.05 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert process.state.stage in ("predicting", "preparing")
+    started = time.perf_counter()
+    process.cancel()
+    assert time.perf_counter() - started < 2.0
+    assert process.state.cancelled and process.state.finished and process.state.error is None
+    with pytest.raises(ProcessLookupError):
+        os.killpg(process._process.pid, 0)
+    assert not output.exists() and not list(tmp_path.iterdir())
+
+
+def test_runner_reports_a_bad_input_as_a_message(tmp_path):
+    bad = tmp_path / "bad.nrrd"
+    bad.write_text("nope")
+    process = SegmentationProcess(bad, tmp_path / "out.nrrd", device="cpu")
+    from FemurSegLib.errors import FemurSegError
+
+    with pytest.raises(FemurSegError, match="could not be read"):
+        process.wait_for_completion(timeout_s=120)

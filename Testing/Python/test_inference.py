@@ -1,0 +1,140 @@
+"""The inference engine against nnU-Net's own predictor, with progress, cancel, orientation and devices."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from FemurSegLib.demo import SAMPLE_CT, SAMPLE_LABEL
+from FemurSegLib.errors import FemurSegError
+from FemurSegLib.inference import InferenceCancelled, InferenceOptions, Segmenter, largest_component, resolve_device
+from FemurSegLib.metrics import compare_images
+from FemurSegLib.models import resolve_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return resolve_model(None)
+
+
+@pytest.fixture(scope="module")
+def segmenter(model):
+    return Segmenter(model.root, InferenceOptions(device="cpu"), notify=lambda message: None)
+
+
+@pytest.fixture(scope="module")
+def sample():
+    return sitk.ReadImage(str(SAMPLE_CT)), sitk.ReadImage(str(SAMPLE_LABEL))
+
+
+@pytest.fixture(scope="module")
+def sample_result(segmenter, sample):
+    events: list[tuple[float, str]] = []
+    label = segmenter.segment(sample[0], progress=lambda fraction, stage: events.append((fraction, stage)))
+    return label, events
+
+
+def test_segmentation_is_on_the_input_grid_and_accurate(sample, sample_result):
+    ct, truth = sample
+    label, _ = sample_result
+    assert label.GetSize() == ct.GetSize() and label.GetSpacing() == ct.GetSpacing()
+    assert label.GetOrigin() == ct.GetOrigin() and label.GetDirection() == ct.GetDirection()
+    assert label.GetPixelID() == sitk.sitkUInt8
+    assert set(np.unique(sitk.GetArrayViewFromImage(label))) <= {0, 1}
+    assert compare_images(truth, label).dice > 0.95
+
+
+def test_progress_rises_from_zero_to_one(sample_result):
+    _, events = sample_result
+    fractions = [fraction for fraction, _ in events]
+    assert fractions[0] == 0.0 and fractions[-1] == 1.0
+    assert all(later >= earlier for earlier, later in zip(fractions, fractions[1:]))
+    assert {"preparing", "predicting", "done"} <= {stage for _, stage in events}
+    assert len(events) > 5, "progress moves during prediction, not only at the ends"
+
+
+def test_stock_tiling_equals_nnunets_own_predictor(model, sample):
+    """With whole_volume_tile off, the engine is exactly nnU-Net's predictor plus the largest component."""
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    ct, _ = sample
+    ours = Segmenter(model.root, InferenceOptions(device="cpu", whole_volume_tile=False), notify=lambda m: None)
+    predictor = nnUNetPredictor(use_mirroring=False, device=torch.device("cpu"), allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(model.trained_folder), use_folds=model.folds)
+    array = sitk.GetArrayFromImage(ct).astype(np.float32)[None]
+    stock = predictor.predict_single_npy_array(array, {"spacing": list(reversed(ct.GetSpacing()))})
+    expected = largest_component(np.asarray(stock) == model.femur_label)
+    assert np.array_equal(sitk.GetArrayViewFromImage(ours.segment(ct)) != 0, expected)
+
+
+def test_whole_volume_tile_agrees_with_stock_tiling(model, sample, sample_result):
+    ct, _ = sample
+    tiled = Segmenter(model.root, InferenceOptions(device="cpu", whole_volume_tile=False), notify=lambda m: None)
+    assert compare_images(tiled.segment(ct), sample_result[0]).dice > 0.99
+
+
+def test_any_orientation_gives_the_same_voxels(segmenter, sample, sample_result):
+    ct, _ = sample
+    flipped = sitk.DICOMOrient(ct, "RAI")  # x and y axes reversed: same anatomy, another voxel order
+    assert flipped.GetDirection() != ct.GetDirection()
+    label = segmenter.segment(flipped)
+    assert label.GetDirection() == flipped.GetDirection() and label.GetOrigin() == flipped.GetOrigin()
+    back = sitk.DICOMOrient(label, "LPS")
+    assert np.array_equal(sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(sample_result[0]))
+
+
+def test_cancel_mid_inference_returns_promptly_and_gives_nothing(segmenter, sample):
+    ct, _ = sample
+    cancel = threading.Event()
+    cancelled_at: list[float] = []
+
+    def progress(fraction: float, stage: str) -> None:
+        if stage == "predicting" and fraction > 0.1 and not cancel.is_set():
+            cancelled_at.append(time.perf_counter())
+            cancel.set()
+
+    with pytest.raises(InferenceCancelled):
+        segmenter.segment(ct, progress=progress, cancel=cancel)
+    assert cancelled_at and time.perf_counter() - cancelled_at[0] < 2.0
+
+
+def test_cancel_from_another_thread(segmenter, sample):
+    ct, _ = sample
+    cancel = threading.Event()
+    timer = threading.Timer(0.3, cancel.set)
+    timer.start()
+    started = time.perf_counter()
+    with pytest.raises(InferenceCancelled):
+        segmenter.segment(ct, cancel=cancel)
+    assert time.perf_counter() - started < 0.3 + 2.0
+
+
+def test_auto_device_falls_back_to_cpu_with_a_message():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU; the CPU fallback is not exercised")
+    messages: list[str] = []
+    assert resolve_device("auto", messages.append).type == "cpu"
+    assert messages and "No GPU" in messages[0]
+
+
+def test_missing_or_unknown_devices_are_refused():
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(FemurSegError, match="no CUDA GPU"):
+            resolve_device("cuda")
+    with pytest.raises(FemurSegError, match="Unknown device"):
+        resolve_device("tpu")
+
+
+def test_two_dimensional_input_is_refused(segmenter):
+    with pytest.raises(FemurSegError, match="2D"):
+        segmenter.segment(sitk.Image(30, 30, sitk.sitkInt16))
