@@ -71,7 +71,8 @@ def run_demo(out_dir: Path, device: str = "auto") -> dict[str, dict[str, float]]
     report = {"sample": SAMPLE_CT.name, "fill_parameters": parameters.__dict__, "metrics": rows, "timings": timings}
     write_bytes_atomic(out_dir / "metrics.json", (json.dumps(report, indent=2) + "\n").encode())
     compare = ("nnU-Net", "fill") if "nnU-Net" in masks else ("truth", "fill")
-    overlay_png(ct, masks, out_dir / "overlay.png", compare)
+    overlay_masks = {name: mask for name, mask in masks.items() if name != "threshold"}
+    overlay_png(ct, overlay_masks, out_dir / "overlay.png", compare)
 
     from .phantom import generate_phantom
 

@@ -56,30 +56,17 @@ def _set_nnunet_paths(work_dir: Path) -> None:
 
 
 def write_phantom_dataset(raw_dataset: Path, count: int) -> None:
-    """Training cases from seeds TRAIN_SEED_START.. in nnU-Net's raw layout (skips cases already there)."""
-    from .imageio import write_image
+    """Training cases from seeds TRAIN_SEED_START.. through the dataset exporter (skips cases already there)."""
+    from .dataset import export_case
     from .phantom import generate_phantom
 
-    (raw_dataset / "imagesTr").mkdir(parents=True, exist_ok=True)
-    (raw_dataset / "labelsTr").mkdir(parents=True, exist_ok=True)
-    for index in range(count):
-        seed = TRAIN_SEED_START + index
+    for seed in range(TRAIN_SEED_START, TRAIN_SEED_START + count):
         case = f"phantom{seed}"
-        label_path = raw_dataset / "labelsTr" / f"{case}.nii.gz"
-        if label_path.exists():
+        if (raw_dataset / "labelsTr" / f"{case}.nii.gz").exists():
             continue
-        ct, label, _ = generate_phantom(seed)
-        write_image(ct, raw_dataset / "imagesTr" / f"{case}_0000.nii.gz")
-        write_image(label, label_path)
-    dataset_json = {
-        "channel_names": {"0": "CT"},
-        "labels": {"background": 0, "femur": 1},
-        "numTraining": count,
-        "file_ending": ".nii.gz",
-        "name": "FemurPhantom",
-        "description": f"FemurSeg synthetic proximal femur QCT phantoms, seeds {TRAIN_SEED_START}-{TRAIN_SEED_START + count - 1}",
-    }
-    (raw_dataset / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
+        ct, label, shape = generate_phantom(seed)
+        export_case(ct, label, raw_dataset, case, provenance={"phantom_seed": seed, "side": shape.side},
+                    description="FemurSeg synthetic proximal femur QCT phantoms")
 
 
 def plan_and_preprocess(work_dir: Path) -> None:
