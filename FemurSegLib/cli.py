@@ -115,7 +115,10 @@ def _cmd_export(args: argparse.Namespace) -> None:
     from .dataset import export_case
 
     result = export_case(args.ct, args.label, Path(args.dataset_dir), args.case, test=args.test, replace=args.replace)
-    print(result.summary() if hasattr(result, "summary") else result)
+    print(f"exported case '{result.case}' ({result.split}) into {result.dataset_dir}: "
+          f"{result.image_path.name}, {result.label_path.name}; numTraining {result.num_training}")
+    if result.replaced_dir:
+        print(f"previous files of '{result.case}' kept in {result.replaced_dir}")
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -135,7 +138,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from .training import main as train_main
 
     train_main([str(args.work_dir), "--cases", str(args.cases), "--epochs", str(args.epochs),
-                "--iterations", str(args.iterations)])
+                "--iterations", str(args.iterations), "--model-dir", str(args.model_dir)])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-bundled", help="re-run the bundled model's training recipe (about 2 h on 2 CPU cores)")
     p.add_argument("work_dir"), p.add_argument("--cases", type=int, default=40)
-    p.add_argument("--epochs", type=int, default=40), p.add_argument("--iterations", type=int, default=50)
+    p.add_argument("--epochs", type=int, default=36), p.add_argument("--iterations", type=int, default=50)
+    p.add_argument("--model-dir", default="Resources/Models/FemurPhantom3dSmall-v1")
     p.set_defaults(func=_cmd_train)
     return parser
 

@@ -121,9 +121,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train FemurSeg's bundled phantom model (nnU-Net v2, CPU).")
     parser.add_argument("work_dir", type=Path)
     parser.add_argument("--cases", type=int, default=40)
-    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--epochs", type=int, default=36)
     parser.add_argument("--iterations", type=int, default=50)
-    parser.add_argument("--stage", choices=["data", "plan", "train", "all"], default="all")
+    parser.add_argument("--stage", choices=["data", "plan", "train", "bundle", "all"], default="all")
+    parser.add_argument("--model-dir", type=Path, help="where to bundle the trained model (default: print only)")
     args = parser.parse_args(argv)
     work_dir = args.work_dir.resolve()
     _set_nnunet_paths(work_dir)
@@ -137,6 +138,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.stage in ("train", "all"):
         output = train(work_dir, args.epochs, args.iterations)
         print(f"trained into {output} after {time.time() - started:.0f} s", flush=True)
+    if args.stage in ("bundle", "all") and args.model_dir:
+        target = bundle_model(work_dir, args.model_dir)
+        training = {"cases": args.cases, "epochs": args.epochs, "iterations": args.iterations,
+                    "patch_size": PATCH_SIZE, "batch_size": BATCH_SIZE}
+        write_model_card(args.model_dir, training, held_out=None)
+        print(f"bundled into {target}; run benchmarks/inference_benchmark.py --card to add held-out metrics")
 
 
 if __name__ == "__main__":

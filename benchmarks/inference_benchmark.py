@@ -85,6 +85,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", type=int, default=10)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--card", action="store_true", help="write the held-out metrics into the model card")
     parser.add_argument("--worker"), parser.add_argument("--seeds"), parser.add_argument("--out-dir", type=Path)
     args = parser.parse_args()
     if args.worker:
@@ -138,6 +139,16 @@ def main() -> None:
                             for n in ("femurseg", "stock", "fill", "threshold")},
                    "agreement_dice_mean": float(np.mean(scores["agreement"])), "wins": wins}
         args.json.write_text(json.dumps(summary, indent=2))
+    if args.card:
+        from FemurSegLib.models import resolve_model
+        from FemurSegLib.training import write_model_card
+
+        model = resolve_model(None)
+        held_out = {f"{key} (mean, seeds {seeds[0]}-{seeds[-1]})": mean("femurseg", key)
+                    for key in ("dice", "sensitivity", "specificity", "asd_mm", "hd95_mm")}
+        held_out["min dice"] = float(np.min([a.dice for a in scores["femurseg"]]))
+        held_out["warm seconds per volume (2-core CPU)"] = runs["femurseg"]["warm_median_s"]
+        write_model_card(model.root, model.card.get("training", {}), held_out)
 
 
 if __name__ == "__main__":

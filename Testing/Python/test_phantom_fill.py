@@ -95,4 +95,4 @@ def test_fill_parameters_are_validated():
 
 def test_fill_on_an_image_without_bone_is_empty():
     water = sitk.Image(20, 20, 20, sitk.sitkInt16)
-    assert sitk.GetArrayViewFromImage(compute_fill(water)).sum() == 0
+    assert sitk.GetArrayFromImage(compute_fill(water)).sum() == 0

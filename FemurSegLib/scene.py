@@ -1,0 +1,401 @@
+"""MRML scene glue: volumes, segmentations and tables <-> SimpleITK images and FemurSegLib's algorithms.
+
+Qt-free on purpose: every function takes the MRML scene and the segmentations module logic as arguments, so
+desktop Slicer passes ``slicer.mrmlScene`` / ``slicer.modules.segmentations.logic()`` and tests pass a
+trame-slicer ``SlicerApp``'s (DESIGN.md §5). Nothing here imports qt, ctk, ``slicer.app`` or ``slicer.modules``.
+
+Geometry: a volume node's IJK->RAS (spacing, origin, directions) equals SimpleITK's geometry with the LPS->RAS
+flip of the first two axes. Every failure raises FemurSegError and leaves the scene as it was: nodes are removed
+again when a later step fails, and helper nodes that Slicer's logic needs in the scene are always removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import slicer
+from vtkmodules.util import numpy_support
+from vtkmodules.vtkCommonCore import vtkDoubleArray, vtkStringArray
+from vtkmodules.vtkCommonDataModel import vtkImageData
+from vtkmodules.vtkCommonMath import vtkMatrix4x4
+
+from . import dataset, metrics
+from .errors import FemurSegError
+from .fill import FillParameters, compute_fill
+from .imageio import check_volume, mask_array, read_image, require_same_grid
+
+SEGMENT_NNUNET = "Femur (nnU-Net)"
+SEGMENT_FILL = "Femur (fill)"
+SEGMENT_NNUNET_ONLY = "nnU-Net only"
+SEGMENT_FILL_ONLY = "fill only"
+COLOR_NNUNET = (0.945, 0.839, 0.569)  # Slicer's GenericAnatomyColors "bone"
+COLOR_FILL = (0.40, 0.65, 0.95)
+COLOR_NNUNET_ONLY = (0.95, 0.35, 0.15)
+COLOR_FILL_ONLY = (0.20, 0.45, 0.95)
+
+TERMINOLOGY_CONTEXT = "Segmentation category and type - DICOM master list"
+LATERALITY_CODES = {"left": ("7771000", "Left"), "right": ("24028007", "Right")}
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+
+ProgressCallback = Callable[[float, str], None]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """What compare_segmentations made, so the widget can show the table and jump to the worst slice."""
+
+    table_node: Any  # vtkMRMLTableNode: rows (metric, value)
+    disagreement_node: Any  # vtkMRMLSegmentationNode with "nnU-Net only" and "fill only"
+    agreement: metrics.Agreement
+    worst_slice_index: int  # K index (slowest image axis) with the most disagreeing voxels
+    worst_slice_ras: tuple[float, float, float]  # centre of that slice, for JumpSlicesToLocation
+
+
+# --- volumes <-> SimpleITK ------------------------------------------------------------------------------------
+
+def sitk_from_volume_node(volume_node: Any, what: str | None = None) -> sitk.Image:
+    """The volume's voxels and geometry as a SimpleITK image (LPS); refuses what FemurSeg cannot segment."""
+    if volume_node is None:
+        raise FemurSegError("No CT volume is selected; load a CT (File > Add Data) and select it as input.")
+    what = what or f"Volume '{volume_node.GetName()}'"
+    if volume_node.IsA("vtkMRMLLabelMapVolumeNode"):
+        raise FemurSegError(
+            f"{what} is a label map, not a CT; select the CT volume as input (load label files as segmentations)."
+        )
+    if not volume_node.IsA("vtkMRMLScalarVolumeNode") or volume_node.IsA("vtkMRMLVectorVolumeNode"):
+        raise FemurSegError(f"{what} is a {volume_node.GetClassName()}; a single-channel CT volume is needed.")
+    return _sitk_from_image_node(volume_node, what)
+
+
+def _sitk_from_image_node(volume_node: Any, what: str) -> sitk.Image:
+    if volume_node.GetParentTransformNode() is not None:
+        raise FemurSegError(
+            f"{what} is under transform '{volume_node.GetParentTransformNode().GetName()}'; harden the transform "
+            "(Data module: right-click > Harden transform) so the segmentation matches what you see."
+        )
+    image_data = volume_node.GetImageData()
+    if image_data is None or image_data.GetPointData().GetScalars() is None:
+        raise FemurSegError(f"{what} holds no voxels; load the CT again.")
+    components = image_data.GetNumberOfScalarComponents()
+    if components != 1:
+        raise FemurSegError(f"{what} has {components} components per voxel; a single-channel CT volume is needed.")
+    columns, rows, slices = image_data.GetDimensions()
+    voxels = numpy_support.vtk_to_numpy(image_data.GetPointData().GetScalars()).reshape(slices, rows, columns)
+    image = sitk.GetImageFromArray(voxels.copy())
+    image.SetSpacing(volume_node.GetSpacing())
+    image.SetOrigin(tuple(LPS_TO_RAS @ np.array(volume_node.GetOrigin())))
+    directions = vtkMatrix4x4()
+    volume_node.GetIJKToRASDirectionMatrix(directions)
+    ras = np.array([[directions.GetElement(r, c) for c in range(3)] for r in range(3)])
+    image.SetDirection(tuple((LPS_TO_RAS @ ras).ravel()))
+    check_volume(image, what)
+    return image
+
+
+def _fill_image_node(node: Any, image: sitk.Image) -> Any:
+    """Give ``node`` the voxels and geometry of ``image`` (inverse of _sitk_from_image_node)."""
+    voxels = sitk.GetArrayFromImage(image)
+    image_data = vtkImageData()
+    image_data.SetDimensions(*image.GetSize())
+    vtk_array = numpy_support.numpy_to_vtk(voxels.ravel(), deep=True)
+    image_data.GetPointData().SetScalars(vtk_array)
+    node.SetAndObserveImageData(image_data)
+    node.SetSpacing(image.GetSpacing())
+    node.SetOrigin(tuple(LPS_TO_RAS @ np.array(image.GetOrigin())))
+    ras = LPS_TO_RAS @ np.array(image.GetDirection()).reshape(3, 3)
+    directions = vtkMatrix4x4()
+    for r in range(3):
+        for c in range(3):
+            directions.SetElement(r, c, ras[r, c])
+    node.SetIJKToRASDirectionMatrix(directions)
+    return node
+
+
+def add_volume_node(scene: Any, image: sitk.Image, name: str) -> Any:
+    """Add a scalar volume node holding ``image`` (e.g. a CT read with imageio.read_image)."""
+    check_volume(image, f"Image '{name}'")
+    node = _fill_image_node(slicer.vtkMRMLScalarVolumeNode(), image)
+    node.SetName(name)
+    with _removed_on_failure(scene, node):
+        node.CreateDefaultDisplayNodes()
+    return node
+
+
+# --- segmentations --------------------------------------------------------------------------------------------
+
+def femur_terminology(laterality: str | None) -> str:
+    """Serialized SNOMED CT terminology entry for the femur (71341001), with laterality when known."""
+    modifier = LATERALITY_CODES.get(laterality or "", ("", ""))
+    return slicer.vtkSlicerTerminologiesModuleLogic.SerializeTerminologyEntry(
+        TERMINOLOGY_CONTEXT, "123037004", "SCT", "Anatomical Structure", "71341001", "SCT", "Bone structure of femur",
+        modifier[0], "SCT" if modifier[0] else "", modifier[1], "", "", "", "", "", "", "")
+
+
+def detect_laterality(label: sitk.Image, ct: sitk.Image, margin: float = 0.1) -> str | None:
+    """'left'/'right' when the femur lies clearly in one half of the field of view (bilateral hip CT), else None.
+
+    An isolated femur fills the field of view, so its side cannot be told from its position: then None.
+    """
+    mask = mask_array(label)
+    if not mask.any():
+        return None
+    centroid_index = np.argwhere(mask).mean(axis=0)[::-1]  # (x, y, z) index
+    centre_index = (np.array(ct.GetSize()) - 1) / 2.0
+    femur_lps = np.array(ct.TransformContinuousIndexToPhysicalPoint(tuple(float(v) for v in centroid_index)))
+    centre_lps = np.array(ct.TransformContinuousIndexToPhysicalPoint(tuple(float(v) for v in centre_index)))
+    corner = np.array(ct.TransformContinuousIndexToPhysicalPoint(tuple(float(v) for v in np.array(ct.GetSize()) - 1)))
+    half_width = abs(corner[0] - np.array(ct.GetOrigin())[0]) / 2.0
+    offset_left = femur_lps[0] - centre_lps[0]  # LPS x grows towards the patient's left
+    if half_width == 0 or abs(offset_left) < margin * half_width:
+        return None
+    return "left" if offset_left > 0 else "right"
+
+
+def add_label_as_segment(scene: Any, seg_logic: Any, label: sitk.Image, ct_volume_node: Any,
+                         name: str = SEGMENT_NNUNET, color: Sequence[float] = COLOR_NNUNET,
+                         laterality: str | None = "auto", node_name: str | None = None) -> Any:
+    """A new segmentation node (CT as reference geometry) with one femur segment from a 0/non-0 label.
+
+    ``laterality``: 'left', 'right', None (unknown) or 'auto' (detect_laterality).
+    """
+    ct = sitk_from_volume_node(ct_volume_node)
+    require_same_grid(ct, label, f"the CT '{ct_volume_node.GetName()}'", f"the {name} label")
+    if not mask_array(label).any():
+        raise FemurSegError(f"The {name} label is empty (no femur voxels); check the input CT and the settings.")
+    if laterality == "auto":
+        laterality = detect_laterality(label, ct)
+    if laterality not in (None, "left", "right"):
+        raise FemurSegError(f"Laterality '{laterality}' is not one of left, right, auto or none.")
+    segmentation_node = slicer.vtkMRMLSegmentationNode()
+    segmentation_node.SetName(node_name or f"{ct_volume_node.GetName()} {name}")
+    with _removed_on_failure(scene, segmentation_node):
+        segmentation_node.CreateDefaultDisplayNodes()
+        segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(ct_volume_node)
+        segment = _import_mask(seg_logic, segmentation_node, mask_array(label), ct, name, color)
+        segment.SetTerminology(femur_terminology(laterality))
+    return segmentation_node
+
+
+def _import_mask(seg_logic: Any, segmentation_node: Any, mask: np.ndarray, ct: sitk.Image, name: str,
+                 color: Sequence[float]) -> Any:
+    """Add one segment from a boolean (z, y, x) mask on the CT grid; an empty mask gives an empty segment."""
+    segmentation = segmentation_node.GetSegmentation()
+    if not mask.any():
+        segment_id = segmentation.AddEmptySegment("", name, list(color))
+        return segmentation.GetSegment(segment_id)
+    label = sitk.GetImageFromArray(mask.astype(np.uint8))
+    label.CopyInformation(ct)
+    labelmap_node = _fill_image_node(slicer.vtkMRMLLabelMapVolumeNode(), label)
+    before = {segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())}
+    if not seg_logic.ImportLabelmapToSegmentationNode(labelmap_node, segmentation_node, ""):
+        raise FemurSegError(f"Slicer could not import the {name} label into a segmentation.")
+    added = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())
+             if segmentation.GetNthSegmentID(i) not in before]
+    if len(added) != 1:
+        raise FemurSegError(f"Importing the {name} label gave {len(added)} segments instead of one.")
+    segment = segmentation.GetSegment(added[0])
+    segment.SetName(name)
+    segment.SetColor(*color)
+    return segment
+
+
+def segment_to_sitk(scene: Any, seg_logic: Any, segmentation_node: Any, segment_id: str | None,
+                    ct_volume_node: Any, value: int = 1) -> sitk.Image:
+    """One segment as a uint8 label (0 / ``value``) on exactly the CT's grid.
+
+    Uses ExportSegmentsToLabelmapNode with a colour table that maps the segment's *name* to ``value``, so the
+    value never depends on segment order. The temporary nodes Slicer needs in the scene are removed again.
+    """
+    ct = sitk_from_volume_node(ct_volume_node)
+    segment_id = _single_segment_id(segmentation_node, segment_id)
+    segment_name = segmentation_node.GetSegmentation().GetSegment(segment_id).GetName()
+    colors = slicer.vtkMRMLColorTableNode()
+    colors.SetTypeToUser()
+    colors.SetNumberOfColors(value + 1)
+    colors.SetColor(0, "background", 0.0, 0.0, 0.0, 0.0)
+    colors.SetColor(value, segment_name, 1.0, 1.0, 1.0, 1.0)
+    labelmap_node = slicer.vtkMRMLLabelMapVolumeNode()
+    segment_ids = vtkStringArray()
+    segment_ids.InsertNextValue(segment_id)
+    nodes_before = _node_ids(scene)
+    scene.AddNode(labelmap_node)
+    try:
+        exported = seg_logic.ExportSegmentsToLabelmapNode(
+            segmentation_node, segment_ids, labelmap_node, ct_volume_node,
+            slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY, colors)
+        if not exported or labelmap_node.GetImageData() is None:
+            raise FemurSegError(f"Slicer could not export segment '{segment_name}' to a label map.")
+        label = _sitk_from_image_node(labelmap_node, f"Segment '{segment_name}'")
+    finally:  # the label map and whatever the export added for it (display node, colour table copy)
+        for node_id in _node_ids(scene) - nodes_before:
+            if scene.GetNodeByID(node_id) is not None:
+                scene.RemoveNode(scene.GetNodeByID(node_id))
+    require_same_grid(ct, label, "the CT", f"segment '{segment_name}'")
+    values = set(np.unique(sitk.GetArrayViewFromImage(label)).tolist())
+    if not values <= {0, value}:
+        raise FemurSegError(f"Segment '{segment_name}' exported with values {sorted(values)} instead of 0/{value}.")
+    label = sitk.Cast(label, sitk.sitkUInt8)
+    label.CopyInformation(ct)
+    return label
+
+
+def _single_segment_id(segmentation_node: Any, segment_id: str | None) -> str:
+    if segmentation_node is None:
+        raise FemurSegError("No segmentation is selected; segment, compute fill or load a result first.")
+    segmentation = segmentation_node.GetSegmentation()
+    if segment_id:
+        if segmentation.GetSegment(segment_id) is None:
+            raise FemurSegError(f"Segmentation '{segmentation_node.GetName()}' has no segment '{segment_id}'.")
+        return segment_id
+    if segmentation.GetNumberOfSegments() != 1:
+        raise FemurSegError(
+            f"Segmentation '{segmentation_node.GetName()}' has {segmentation.GetNumberOfSegments()} segments; "
+            "select the femur segment to use."
+        )
+    return segmentation.GetNthSegmentID(0)
+
+
+# --- the module's actions -------------------------------------------------------------------------------------
+
+def segment_volume_node(scene: Any, seg_logic: Any, ct_volume_node: Any, segmenter: Any,
+                        progress: ProgressCallback | None = None, cancel: threading.Event | None = None,
+                        laterality: str | None = "auto") -> Any:
+    """Run ``segmenter`` (inference.Segmenter) on the CT node; adds "Femur (nnU-Net)". Cancel adds nothing."""
+    ct = sitk_from_volume_node(ct_volume_node)
+    label = segmenter.segment(ct, progress=progress, cancel=cancel)
+    return add_label_as_segment(scene, seg_logic, label, ct_volume_node, SEGMENT_NNUNET, COLOR_NNUNET, laterality)
+
+
+def fill_volume_node(scene: Any, seg_logic: Any, ct_volume_node: Any,
+                     parameters: FillParameters | None = None, laterality: str | None = "auto") -> Any:
+    """The fill baseline on the CT node; adds "Femur (fill)"."""
+    ct = sitk_from_volume_node(ct_volume_node)
+    label = compute_fill(ct, parameters or FillParameters())
+    return add_label_as_segment(scene, seg_logic, label, ct_volume_node, SEGMENT_FILL, COLOR_FILL, laterality)
+
+
+def load_fill_label(scene: Any, seg_logic: Any, path: str | os.PathLike, ct_volume_node: Any,
+                    laterality: str | None = "auto") -> Any:
+    """A fill result made elsewhere (e.g. medtool) as "Femur (fill)"; non-zero voxels are femur.
+
+    Not resampled: a label on another grid than the CT is refused, since resampling would change the result.
+    """
+    label = read_image(path, "Fill label")
+    return add_label_as_segment(scene, seg_logic, label, ct_volume_node, SEGMENT_FILL, COLOR_FILL, laterality)
+
+
+def compare_segmentations(scene: Any, seg_logic: Any, reference_seg_node: Any, other_seg_node: Any,
+                          ct_volume_node: Any, reference_segment_id: str | None = None,
+                          other_segment_id: str | None = None) -> Comparison:
+    """Metrics table, "nnU-Net only"/"fill only" segments and the worst axial slice of reference vs other."""
+    ct = sitk_from_volume_node(ct_volume_node)
+    reference = segment_to_sitk(scene, seg_logic, reference_seg_node, reference_segment_id, ct_volume_node)
+    other = segment_to_sitk(scene, seg_logic, other_seg_node, other_segment_id, ct_volume_node)
+    agreement = metrics.compare_images(reference, other)
+    reference_mask, other_mask = mask_array(reference), mask_array(other)
+    worst = metrics.worst_slice(reference_mask, other_mask, axis=0)
+    centre = ((ct.GetSize()[0] - 1) / 2.0, (ct.GetSize()[1] - 1) / 2.0, float(worst))
+    worst_ras = tuple(float(v) for v in LPS_TO_RAS @ np.array(ct.TransformContinuousIndexToPhysicalPoint(centre)))
+
+    table_node = slicer.vtkMRMLTableNode()
+    table_node.SetName(f"{reference_seg_node.GetName()} vs {other_seg_node.GetName()}")
+    names, values = vtkStringArray(), vtkDoubleArray()
+    names.SetName("Metric")
+    values.SetName("Value")
+    for metric, value in agreement.as_dict().items():
+        names.InsertNextValue(metric)
+        values.InsertNextValue(float(value))
+    names.InsertNextValue("worst_slice_k")
+    values.InsertNextValue(float(worst))
+    table_node.AddColumn(names)
+    table_node.AddColumn(values)
+
+    disagreement_node = slicer.vtkMRMLSegmentationNode()
+    disagreement_node.SetName(f"{ct_volume_node.GetName()} disagreement")
+    with _removed_on_failure(scene, disagreement_node):
+        disagreement_node.CreateDefaultDisplayNodes()
+        disagreement_node.SetReferenceImageGeometryParameterFromVolumeNode(ct_volume_node)
+        _import_mask(seg_logic, disagreement_node, reference_mask & ~other_mask, ct, SEGMENT_NNUNET_ONLY,
+                     COLOR_NNUNET_ONLY)
+        _import_mask(seg_logic, disagreement_node, other_mask & ~reference_mask, ct, SEGMENT_FILL_ONLY,
+                     COLOR_FILL_ONLY)
+        scene.AddNode(table_node)
+    return Comparison(table_node, disagreement_node, agreement, worst, worst_ras)
+
+
+def dataset_femur_value(dataset_dir: str | os.PathLike) -> int:
+    """The femur label value of an existing dataset.json (e.g. 1 for 'bone', 2 for 'femur': 2), 1 for a new one.
+
+    A dataset.json that cannot be read gives 1 here; export_case then refuses it with its own message.
+    """
+    path = Path(dataset_dir) / "dataset.json"
+    try:
+        labels = json.loads(path.read_bytes()).get("labels")
+    except (OSError, ValueError, AttributeError):
+        return 1
+    femur = dataset._femur_label(labels)
+    return femur[1] if femur else 1
+
+
+def export_segment(scene: Any, seg_logic: Any, segmentation_node: Any, segment_id: str | None,
+                   ct_volume_node: Any, dataset_dir: str | os.PathLike, case: str, test: bool = False,
+                   replace: bool = False, provenance: dict[str, Any] | None = None) -> dataset.ExportResult:
+    """Export the CT and one (corrected) segment as an nnU-Net case through dataset.export_case.
+
+    The label gets dataset.json's femur value through the colour table (by segment name, not order).
+    """
+    ct = sitk_from_volume_node(ct_volume_node)
+    value = dataset_femur_value(dataset_dir)
+    label = segment_to_sitk(scene, seg_logic, segmentation_node, segment_id, ct_volume_node, value)
+    segment_id = _single_segment_id(segmentation_node, segment_id)
+    record = dict(provenance or {})
+    record.setdefault("slicer", {"ct_node": ct_volume_node.GetName(), "segmentation_node": segmentation_node.GetName(),
+                                 "segment": segmentation_node.GetSegmentation().GetSegment(segment_id).GetName()})
+    return dataset.export_case(ct, label, dataset_dir, case, test=test, replace=replace, provenance=record)
+
+
+# --- scene bookkeeping ----------------------------------------------------------------------------------------
+
+class _removed_on_failure:
+    """Add ``node`` to the scene; if the block raises, remove it (and its display/storage nodes) again."""
+
+    def __init__(self, scene: Any, node: Any) -> None:
+        self.scene, self.node = scene, node
+
+    def __enter__(self) -> Any:
+        self.scene.AddNode(self.node)
+        return self.node
+
+    def __exit__(self, error_type, error, traceback) -> bool:
+        if error_type is not None:
+            _remove_node(self.scene, self.node)
+        return False
+
+
+def _node_ids(scene: Any) -> set[str]:
+    return {scene.GetNthNode(index).GetID() for index in range(scene.GetNumberOfNodes())}
+
+
+def _remove_node(scene: Any, node: Any) -> None:
+    for helper in list(_helper_nodes(node)):
+        if helper.GetScene() is scene:
+            scene.RemoveNode(helper)
+    if node.GetScene() is scene:
+        scene.RemoveNode(node)
+
+
+def _helper_nodes(node: Any) -> Iterator[Any]:
+    """The display and storage nodes that Slicer made for ``node``."""
+    for kind in ("Display", "Storage"):
+        count = getattr(node, f"GetNumberOf{kind}Nodes", lambda: 0)()
+        for index in range(count):
+            helper = getattr(node, f"GetNth{kind}Node")(index)
+            if helper is not None:
+                yield helper

@@ -1,0 +1,405 @@
+"""The Slicer module's path on real Slicer libraries (trame-slicer's SlicerApp, no fakes): load -> segment -> fill
+-> compare -> correct with real Segment Editor effects -> export, plus the bad inputs a user can give.
+
+Expected values come from independent computations: metrics on the SimpleITK labels, segments read from their
+internal labelmaps (not through the ExportSegmentsToLabelmapNode path under test), geometry via SimpleITK.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+slicer = pytest.importorskip("slicer")
+trame_core = pytest.importorskip("trame_slicer.core")
+
+from vtkmodules.util import numpy_support  # noqa: E402
+from vtkmodules.vtkCommonCore import vtkPoints  # noqa: E402
+from vtkmodules.vtkCommonMath import vtkMatrix4x4  # noqa: E402
+from vtkmodules.vtkFiltersSources import vtkSphereSource  # noqa: E402
+
+from FemurSegLib import metrics, scene as femur_scene  # noqa: E402
+from FemurSegLib.errors import FemurSegError  # noqa: E402
+from FemurSegLib.fill import FillParameters, compute_fill  # noqa: E402
+from FemurSegLib.inference import InferenceCancelled, InferenceOptions, Segmenter  # noqa: E402
+from FemurSegLib.models import BUNDLED_MODELS_DIR, DEFAULT_MODEL, resolve_model  # noqa: E402
+
+SEED = 5
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+
+
+class RecordingSegmenter:
+    """The real Segmenter; keeps its last label so the test can compare the scene against it."""
+
+    def __init__(self, segmenter: Segmenter) -> None:
+        self.segmenter = segmenter
+        self.label: sitk.Image | None = None
+
+    def segment(self, ct, progress=None, cancel=None):
+        self.label = self.segmenter.segment(ct, progress=progress, cancel=cancel)
+        return self.label
+
+
+@pytest.fixture(scope="module")
+def app():
+    return trame_core.SlicerApp()
+
+
+@pytest.fixture(scope="module")
+def segmenter():
+    if not (BUNDLED_MODELS_DIR / DEFAULT_MODEL).is_dir():
+        pytest.skip(f"bundled model {DEFAULT_MODEL} is not in {BUNDLED_MODELS_DIR} yet")
+    return RecordingSegmenter(Segmenter(resolve_model(None).root, InferenceOptions(device="cpu", fast=True)))
+
+
+@pytest.fixture(scope="module")
+def flow(app, segmenter, phantom_factory):
+    """load -> segment -> fill -> compare, once for the module."""
+    ct, truth, shape = phantom_factory(SEED)
+    ct_node = femur_scene.add_volume_node(app.scene, ct, "FemurPhantom05")
+    nn_node = femur_scene.segment_volume_node(app.scene, app.segmentations_logic, ct_node, segmenter,
+                                              laterality=shape.side)
+    fill_node = femur_scene.fill_volume_node(app.scene, app.segmentations_logic, ct_node, FillParameters())
+    comparison = femur_scene.compare_segmentations(app.scene, app.segmentations_logic, nn_node, fill_node, ct_node)
+    return dict(ct=ct, truth=truth, shape=shape, ct_node=ct_node, nn_node=nn_node, fill_node=fill_node,
+                comparison=comparison, nn_label=segmenter.label)
+
+
+def segment_mask(segmentation_node, segment_name: str, ct_node) -> np.ndarray:
+    """A segment as a (z, y, x) bool array on the CT grid, read from its internal labelmap."""
+    segmentation = segmentation_node.GetSegmentation()
+    segment_id = segmentation.GetSegmentIdBySegmentName(segment_name)
+    assert segment_id, f"no segment named {segment_name!r}"
+    segment = segmentation.GetSegment(segment_id)
+    labelmap = segment.GetRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
+    columns, rows, slices = ct_node.GetImageData().GetDimensions()
+    full = np.zeros((slices, rows, columns), dtype=bool)
+    i0, i1, j0, j1, k0, k1 = labelmap.GetExtent()
+    if i1 < i0 or j1 < j0 or k1 < k0:
+        return full
+    segment_to_world, ct_to_world = vtkMatrix4x4(), vtkMatrix4x4()
+    labelmap.GetImageToWorldMatrix(segment_to_world)
+    ct_node.GetIJKToRASMatrix(ct_to_world)
+    assert np.allclose([segment_to_world.GetElement(r, c) for r in range(4) for c in range(4)],
+                       [ct_to_world.GetElement(r, c) for r in range(4) for c in range(4)], atol=1e-6)
+    values = numpy_support.vtk_to_numpy(labelmap.GetPointData().GetScalars())
+    values = values.reshape(k1 - k0 + 1, j1 - j0 + 1, i1 - i0 + 1) == segment.GetLabelValue()
+    ks, js, is_ = (slice(max(a, 0), min(b + 1, n)) for a, b, n in ((k0, k1, slices), (j0, j1, rows), (i0, i1, columns)))
+    full[ks, js, is_] = values[ks.start - k0:ks.stop - k0, js.start - j0:js.stop - j0, is_.start - i0:is_.stop - i0]
+    return full
+
+
+def ras_of_index(ct: sitk.Image, index_xyz) -> np.ndarray:
+    return LPS_TO_RAS @ np.array(ct.TransformContinuousIndexToPhysicalPoint([float(v) for v in index_xyz]))
+
+
+def ball(ct: sitk.Image, centre_ras: np.ndarray, radius_mm: float) -> np.ndarray:
+    """Voxels whose centre lies within ``radius_mm`` of ``centre_ras`` (z, y, x)."""
+    k, j, i = np.indices(sitk.GetArrayFromImage(ct).shape)
+    points = np.stack([i, j, k], axis=-1).reshape(-1, 3).astype(float)
+    lps = np.array(ct.GetOrigin()) + (points * ct.GetSpacing()) @ np.array(ct.GetDirection()).reshape(3, 3).T
+    distance = np.linalg.norm(lps @ LPS_TO_RAS.T - centre_ras, axis=1)
+    return (distance <= radius_mm).reshape(k.shape)
+
+
+def sphere_glyph(radius_mm: float):
+    source = vtkSphereSource()
+    source.SetRadius(radius_mm)
+    source.SetPhiResolution(24)
+    source.SetThetaResolution(24)
+    source.Update()
+    return source.GetOutput()
+
+
+def paint(editor, effect_type, centre_ras, radius_mm: float) -> None:
+    effect = editor.set_active_effect_type(effect_type)
+    points = vtkPoints()
+    points.InsertNextPoint(*centre_ras)
+    effect.paint_glyph_at_world_coordinates(sphere_glyph(radius_mm), points)
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".femurseg.lock"}
+
+
+# --- geometry -------------------------------------------------------------------------------------------------
+
+def test_volume_node_geometry_matches_simpleitk_with_lps_to_ras_flip(app):
+    image = sitk.GetImageFromArray(np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6))
+    image.SetSpacing((0.7, 0.8, 2.5))
+    image.SetOrigin((-10.0, 20.0, 30.0))
+    angle = np.deg2rad(20)
+    image.SetDirection((np.cos(angle), -np.sin(angle), 0, np.sin(angle), np.cos(angle), 0, 0, 0, 1))
+    node = femur_scene.add_volume_node(app.scene, image, "rotated")
+    ijk_to_ras = vtkMatrix4x4()
+    node.GetIJKToRASMatrix(ijk_to_ras)
+    for index in [(0, 0, 0), (5, 4, 3), (2, 1, 3)]:
+        ras = [sum(ijk_to_ras.GetElement(r, c) * v for c, v in enumerate([*index, 1])) for r in range(3)]
+        assert np.allclose(ras, ras_of_index(image, index), atol=1e-9)
+    back = femur_scene.sitk_from_volume_node(node)
+    assert np.array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(image))
+    assert np.allclose(back.GetDirection(), image.GetDirection()) and np.allclose(back.GetOrigin(), image.GetOrigin())
+    femur_scene._remove_node(app.scene, node)
+
+
+def test_laterality_detected_only_when_the_femur_is_clearly_in_one_half():
+    ct = sitk.Image(40, 10, 10, sitk.sitkInt16)
+    label = sitk.Image(40, 10, 10, sitk.sitkUInt8)
+    label[30:36, 3:6, 3:6] = 1  # high x index = LPS +x = patient's left
+    assert femur_scene.detect_laterality(label, ct) == "left"
+    label = sitk.Image(40, 10, 10, sitk.sitkUInt8)
+    label[2:8, 3:6, 3:6] = 1
+    assert femur_scene.detect_laterality(label, ct) == "right"
+    label = sitk.Image(40, 10, 10, sitk.sitkUInt8)
+    label[17:23, 3:6, 3:6] = 1
+    assert femur_scene.detect_laterality(label, ct) is None
+
+
+# --- the flow -------------------------------------------------------------------------------------------------
+
+def test_segment_adds_the_segmenter_label_with_femur_terminology(flow):
+    nn_mask = segment_mask(flow["nn_node"], femur_scene.SEGMENT_NNUNET, flow["ct_node"])
+    assert np.array_equal(nn_mask, sitk.GetArrayFromImage(flow["nn_label"]) != 0)
+    dice = metrics.compare_images(flow["truth"], flow["nn_label"]).dice
+    assert dice > 0.5, f"bundled model's Dice on phantom {SEED} is {dice:.3f}"
+    segment = flow["nn_node"].GetSegmentation().GetNthSegment(0)
+    side_code = {"left": "7771000", "right": "24028007"}[flow["shape"].side]
+    assert "^71341001^" in segment.GetTerminology() and f"^{side_code}^" in segment.GetTerminology()
+    role = slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()
+    reference = flow["nn_node"].GetNodeReference(role)
+    assert reference is flow["ct_node"]
+
+
+def test_fill_segment_equals_compute_fill(flow):
+    expected = sitk.GetArrayFromImage(compute_fill(flow["ct"], FillParameters())) != 0
+    assert np.array_equal(segment_mask(flow["fill_node"], femur_scene.SEGMENT_FILL, flow["ct_node"]), expected)
+
+
+def test_comparison_table_and_disagreement_match_independent_metrics(flow):
+    fill_label = compute_fill(flow["ct"], FillParameters())
+    expected = metrics.compare_images(flow["nn_label"], fill_label).as_dict()
+    table = flow["comparison"].table_node
+    values = table.GetTable().GetColumnByName("Value")
+    rows = {table.GetCellText(row, 0): values.GetValue(row) for row in range(table.GetNumberOfRows())}
+    for metric, value in expected.items():
+        assert rows[metric] == pytest.approx(value, rel=1e-6, abs=1e-9), metric
+    nn, fill = sitk.GetArrayFromImage(flow["nn_label"]) != 0, sitk.GetArrayFromImage(fill_label) != 0
+    disagreement = flow["comparison"].disagreement_node
+    assert np.array_equal(segment_mask(disagreement, femur_scene.SEGMENT_NNUNET_ONLY, flow["ct_node"]), nn & ~fill)
+    assert np.array_equal(segment_mask(disagreement, femur_scene.SEGMENT_FILL_ONLY, flow["ct_node"]), fill & ~nn)
+    worst = int(np.argmax((nn != fill).sum(axis=(1, 2))))
+    assert flow["comparison"].worst_slice_index == worst == rows["worst_slice_k"]
+    size = flow["ct"].GetSize()
+    centre = ((size[0] - 1) / 2, (size[1] - 1) / 2, worst)
+    assert np.allclose(flow["comparison"].worst_slice_ras, ras_of_index(flow["ct"], centre))
+
+
+def test_correct_with_segment_editor_then_export_round_trips(app, flow, tmp_path):
+    from trame_slicer.segmentation import SegmentationEffectErase, SegmentationEffectIslands, SegmentationEffectPaint
+    from undo_stack import UndoStack
+
+    ct, ct_node, nn_node = flow["ct"], flow["ct_node"], flow["nn_node"]
+    editor = app.segmentation_editor
+    editor.set_undo_stack(UndoStack(undo_limit=10))
+    editor.set_active_segmentation(nn_node, ct_node)
+    current = lambda: segment_mask(nn_node, femur_scene.SEGMENT_NNUNET, ct_node)  # noqa: E731
+    before = current()
+    truth = sitk.GetArrayFromImage(flow["truth"]) != 0
+
+    # paint a region the draft misses (a truth surface voxel), erase one inside it, as a user would
+    missing = np.argwhere(truth & ~before) if (truth & ~before).any() else np.argwhere(truth)
+    paint_centre = ras_of_index(ct, missing[len(missing) // 2][::-1])
+    paint(editor, SegmentationEffectPaint, paint_centre, 4.0)
+    painted = current()
+    inner, outer = ball(ct, paint_centre, 3.0), ball(ct, paint_centre, 5.0)
+    assert painted[inner].all() and np.array_equal(painted[~outer], before[~outer])
+
+    erase_index = np.argwhere(painted & ~outer)[0]
+    erase_centre = ras_of_index(ct, erase_index[::-1])
+    paint(editor, SegmentationEffectErase, erase_centre, 3.0)
+    erased = current()
+    inner, outer = ball(ct, erase_centre, 2.0), ball(ct, erase_centre, 4.0)
+    assert not erased[inner].any() and np.array_equal(erased[~outer], painted[~outer])
+
+    # a false island far from the femur, then Islands > keep largest removes it again
+    background = np.argwhere(~ndilate(erased, 8))
+    island_centre = ras_of_index(ct, background[len(background) // 2][::-1])
+    paint(editor, SegmentationEffectPaint, island_centre, 2.5)
+    with_island = current()
+    assert with_island.sum() > erased.sum()
+    island = with_island & ~erased
+    expected = largest_face_connected(with_island)  # Slicer's Islands effect: 6-connectivity
+    assert not (expected & island).any()
+    editor.set_active_effect_type(SegmentationEffectIslands).keep_largest_island()
+    assert np.array_equal(current(), expected)
+    editor.undo_stack.undo()
+    assert np.array_equal(current(), with_island)
+    editor.undo_stack.redo()
+    corrected = current()
+    assert np.array_equal(corrected, expected)
+    editor.deactivate_effect()
+
+    dataset_dir = tmp_path / "Dataset501_FemurSlicer"
+    result = femur_scene.export_segment(app.scene, app.segmentations_logic, nn_node, None, ct_node, dataset_dir,
+                                        "phantom05", provenance={"model": DEFAULT_MODEL})
+    exported = sitk.ReadImage(str(result.label_path))
+    assert np.array_equal(sitk.GetArrayFromImage(exported), corrected.astype(np.uint8))
+    assert json.loads((dataset_dir / "dataset.json").read_text())["labels"] == {"background": 0, "femur": 1}
+    exported_ct = sitk.ReadImage(str(result.image_path))
+    assert np.array_equal(sitk.GetArrayFromImage(exported_ct), sitk.GetArrayFromImage(ct))
+    assert np.allclose(exported_ct.GetOrigin(), ct.GetOrigin()) and np.allclose(exported.GetOrigin(), ct.GetOrigin())
+    assert json.loads(result.provenance_path.read_text())["slicer"]["segment"] == femur_scene.SEGMENT_NNUNET
+
+
+def ndilate(mask: np.ndarray, iterations: int) -> np.ndarray:
+    from scipy import ndimage
+
+    return ndimage.binary_dilation(mask, iterations=iterations)
+
+
+def largest_face_connected(mask: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    labels, _ = ndimage.label(mask)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(np.argmax(sizes))
+
+
+@pytest.mark.parametrize("label_name, value", [("bone", 1), ("femur", 2)])
+def test_export_uses_the_existing_dataset_json_label_value(app, flow, tmp_path, label_name, value):
+    dataset_dir = tmp_path / f"Dataset50{value}_Existing"
+    dataset_dir.mkdir()
+    dataset_json = {"channel_names": {"0": "CT"}, "labels": {"background": 0, label_name: value},
+                    "numTraining": 0, "file_ending": ".nii.gz", "name": "Existing"}
+    (dataset_dir / "dataset.json").write_text(json.dumps(dataset_json))
+    count = app.scene.GetNumberOfNodes()
+    result = femur_scene.export_segment(app.scene, app.segmentations_logic, flow["fill_node"], None, flow["ct_node"],
+                                        dataset_dir, "fill05", test=True)
+    exported = sitk.GetArrayFromImage(sitk.ReadImage(str(result.label_path)))
+    fill = segment_mask(flow["fill_node"], femur_scene.SEGMENT_FILL, flow["ct_node"])
+    assert set(np.unique(exported).tolist()) == {0, value}
+    assert np.array_equal(exported == value, fill)
+    assert json.loads((dataset_dir / "dataset.json").read_text())["labels"] == dataset_json["labels"]
+    assert app.scene.GetNumberOfNodes() == count  # the temporary label map and its helpers are gone
+
+
+def test_a_failure_after_adding_a_segmentation_removes_it_and_its_display_node(app, flow):
+    count = app.scene.GetNumberOfNodes()
+    with pytest.raises(FemurSegError, match="simulated"):
+        with femur_scene._removed_on_failure(app.scene, slicer.vtkMRMLSegmentationNode()) as node:
+            node.CreateDefaultDisplayNodes()
+            node.SetReferenceImageGeometryParameterFromVolumeNode(flow["ct_node"])
+            assert app.scene.GetNumberOfNodes() == count + 2
+            raise FemurSegError("simulated failure")
+    assert app.scene.GetNumberOfNodes() == count
+
+
+def test_load_fill_label_on_ct_grid_and_refuse_other_grid(app, flow, tmp_path):
+    fill_label = compute_fill(flow["ct"], FillParameters(threshold_hu=500))
+    path = tmp_path / "medtool-fill.nrrd"
+    sitk.WriteImage(fill_label * 255, str(path))
+    node = femur_scene.load_fill_label(app.scene, app.segmentations_logic, path, flow["ct_node"])
+    assert np.array_equal(segment_mask(node, femur_scene.SEGMENT_FILL, flow["ct_node"]),
+                          sitk.GetArrayFromImage(fill_label) != 0)
+    femur_scene._remove_node(app.scene, node)
+    cropped = tmp_path / "cropped.nrrd"
+    sitk.WriteImage(fill_label[2:, :, :], str(cropped))
+    count = app.scene.GetNumberOfNodes()
+    with pytest.raises(FemurSegError, match="not on the same voxel grid"):
+        femur_scene.load_fill_label(app.scene, app.segmentations_logic, cropped, flow["ct_node"])
+    assert app.scene.GetNumberOfNodes() == count
+
+
+# --- bad input ------------------------------------------------------------------------------------------------
+
+def test_no_volume_is_refused(app, segmenter):
+    count = app.scene.GetNumberOfNodes()
+    with pytest.raises(FemurSegError, match="No CT volume is selected"):
+        femur_scene.segment_volume_node(app.scene, app.segmentations_logic, None, segmenter)
+    assert app.scene.GetNumberOfNodes() == count
+
+
+def test_label_map_node_as_input_is_refused(app, segmenter, flow):
+    labelmap = slicer.vtkMRMLLabelMapVolumeNode()
+    labelmap.SetName("truth")
+    femur_scene._fill_image_node(labelmap, flow["truth"])
+    app.scene.AddNode(labelmap)
+    count = app.scene.GetNumberOfNodes()
+    with pytest.raises(FemurSegError, match="is a label map, not a CT"):
+        femur_scene.segment_volume_node(app.scene, app.segmentations_logic, labelmap, segmenter)
+    assert app.scene.GetNumberOfNodes() == count
+    femur_scene._remove_node(app.scene, labelmap)
+
+
+def test_2d_image_is_refused(app, segmenter):
+    count = app.scene.GetNumberOfNodes()
+    with pytest.raises(FemurSegError, match="2D"):
+        femur_scene.add_volume_node(app.scene, sitk.Image(64, 64, sitk.sitkInt16), "radiograph")
+    one_slice = sitk.Image(64, 64, 1, sitk.sitkInt16)
+    node = slicer.vtkMRMLScalarVolumeNode()
+    femur_scene._fill_image_node(node, one_slice)
+    app.scene.AddNode(node)
+    with pytest.raises(FemurSegError, match="single slice"):
+        femur_scene.segment_volume_node(app.scene, app.segmentations_logic, node, segmenter)
+    femur_scene._remove_node(app.scene, node)
+    assert app.scene.GetNumberOfNodes() == count
+
+
+def test_cancel_mid_run_leaves_the_scene_unchanged(app, segmenter, flow):
+    cancel = threading.Event()
+    stages: list[str] = []
+
+    def progress(fraction: float, stage: str) -> None:
+        stages.append(stage)
+        if stage == "predicting":
+            cancel.set()
+
+    count = app.scene.GetNumberOfNodes()
+    with pytest.raises(InferenceCancelled):
+        femur_scene.segment_volume_node(app.scene, app.segmentations_logic, flow["ct_node"], segmenter,
+                                        progress=progress, cancel=cancel)
+    assert "predicting" in stages and "done" not in stages
+    assert app.scene.GetNumberOfNodes() == count
+
+
+def test_export_failures_leave_scene_and_dataset_intact(app, flow, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    count = app.scene.GetNumberOfNodes()
+    with pytest.raises(FemurSegError, match="does not exist"):
+        femur_scene.export_segment(app.scene, app.segmentations_logic, flow["fill_node"], None, flow["ct_node"],
+                                   blocker / "Dataset601_Blocked", "case1")
+    assert app.scene.GetNumberOfNodes() == count
+
+    dataset_dir = tmp_path / "Dataset602_Intact"
+    femur_scene.export_segment(app.scene, app.segmentations_logic, flow["fill_node"], None, flow["ct_node"],
+                               dataset_dir, "case1")
+    digest = tree_digest(dataset_dir)
+
+    def refuse(source, destination):
+        raise PermissionError(13, "Permission denied", str(destination))
+
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(FemurSegError) as error:
+        femur_scene.export_segment(app.scene, app.segmentations_logic, flow["fill_node"], None, flow["ct_node"],
+                                   dataset_dir, "case2")
+    monkeypatch.undo()
+    assert "\n" not in str(error.value) and "ermission" in str(error.value)
+    assert tree_digest(dataset_dir) == digest
+    assert app.scene.GetNumberOfNodes() == count
+
+
+def test_segmentation_with_several_segments_needs_a_segment_choice(app, flow, tmp_path):
+    with pytest.raises(FemurSegError, match="has 2 segments"):
+        femur_scene.export_segment(app.scene, app.segmentations_logic, flow["comparison"].disagreement_node, None,
+                                   flow["ct_node"], tmp_path / "Dataset603_Two", "case1")
+    assert not (tmp_path / "Dataset603_Two").exists()
