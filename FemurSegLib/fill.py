@@ -76,7 +76,8 @@ def _hits_within(bone: np.ndarray, step: tuple[int, int, int], steps: int) -> np
     return reach
 
 
-def _largest_component(mask: np.ndarray) -> np.ndarray:
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """Keep the largest 26-connected component (a femur is one piece; drops rods and specks)."""
     labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
     if count <= 1:
         return mask.copy()
@@ -100,7 +101,7 @@ def fill_mask(ct_hu: np.ndarray, spacing_zyx: tuple[float, float, float], parame
     bone = ct_hu >= parameters.threshold_hu
     if not bone.any():
         return bone
-    bone = _largest_component(bone)
+    bone = largest_component(bone)
     if parameters.closing_radius_mm > 0:
         radii = [max(1, int(round(parameters.closing_radius_mm / s))) for s in spacing_zyx]
         zz, yy, xx = np.ogrid[-radii[0] : radii[0] + 1, -radii[1] : radii[1] + 1, -radii[2] : radii[2] + 1]
@@ -121,7 +122,7 @@ def fill_mask(ct_hu: np.ndarray, spacing_zyx: tuple[float, float, float], parame
             open_count += ~_hits_within(bone, tuple(step), steps)
         enclosed |= open_count <= parameters.max_open_directions
     filled = _fill_holes_slicewise(bone | enclosed)
-    return _largest_component(filled)
+    return largest_component(filled)
 
 
 def compute_fill(ct: sitk.Image, parameters: FillParameters | None = None) -> sitk.Image:

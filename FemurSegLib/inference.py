@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import math
 import os
 import threading
 import warnings
@@ -28,9 +27,9 @@ from typing import Callable
 
 import numpy as np
 import SimpleITK as sitk
-from scipy import ndimage
 
 from .errors import FemurSegError
+from .fill import largest_component
 from .imageio import check_volume
 
 ProgressCallback = Callable[[float, str], None]
@@ -190,20 +189,9 @@ class Segmenter:
         """How many network calls per pass nnU-Net will make (1 with the whole-volume tile)."""
         if self.options.whole_volume_tile:
             return 1
-        target = np.array(self.predictor.configuration_manager.spacing)
-        shape = np.array(array.shape[1:]) * np.array([1.0] * 3)
-        patch = np.array(self.predictor.configuration_manager.patch_size)
-        step = patch * self.options.tile_step_size
-        counts = [1 if s <= p else math.ceil((s - p) / st) + 1 for s, p, st in zip(shape, patch, step)]
-        del target
-        return int(np.prod(counts))
+        from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
 
-
-def largest_component(mask: np.ndarray) -> np.ndarray:
-    """Keep the largest 26-connected component (femur is one piece; drops specks on rods and potting)."""
-    labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
-    if count <= 1:
-        return mask
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    return labels == int(np.argmax(sizes))
+        patch = self.predictor.configuration_manager.patch_size
+        shape = [max(s, p) for s, p in zip(array.shape[1:], patch)]
+        steps = compute_steps_for_sliding_window(shape, patch, self.options.tile_step_size)
+        return int(np.prod([len(axis_steps) for axis_steps in steps]))

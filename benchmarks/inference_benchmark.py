@@ -31,7 +31,7 @@ def worker(engine: str, seeds: list[int], out_dir: Path) -> dict:
 
     started = time.perf_counter()
     os.environ.setdefault("nnUNet_n_proc_DA", "1")
-    from FemurSegLib.inference import InferenceOptions, Segmenter, largest_component  # noqa: F401
+    from FemurSegLib.inference import InferenceOptions, Segmenter
     from FemurSegLib.models import resolve_model
     from FemurSegLib.phantom import generate_phantom
 
