@@ -137,7 +137,10 @@ class Segmenter:
             self.predictor.initialize_from_trained_model_folder(
                 str(self.model.trained_folder), use_folds=tuple(folds), checkpoint_name=self.model.checkpoint_name
             )
-        self._stage_modules = list(self.predictor.network.encoder.stages) + list(self.predictor.network.decoder.stages)
+        # Every convolution checks for cancel: the longest wait is one convolution, not one network stage.
+        self._conv_modules = [m for m in self.predictor.network.modules()
+                              if isinstance(m, torch.nn.modules.conv._ConvNd)]
+        self._convs_per_pass = self._count_convolutions_per_pass()
 
     def segment(self, ct: sitk.Image, progress: ProgressCallback | None = None,
                 cancel: threading.Event | None = None) -> sitk.Image:
@@ -152,8 +155,7 @@ class Segmenter:
 
         passes = (1 if self.options.fast or not self.predictor.allowed_mirroring_axes
                   else 2 ** len(self.predictor.allowed_mirroring_axes))
-        calls_per_pass = len(self._stage_modules)
-        expected = max(1, passes * len(self.predictor.list_of_parameters) * calls_per_pass * self._tiles(array))
+        expected = max(1, passes * len(self.predictor.list_of_parameters) * self._convs_per_pass * self._tiles(array))
         done = [0]
 
         def on_stage(_module, _inputs):
@@ -162,7 +164,7 @@ class Segmenter:
             done[0] += 1
             report(0.05 + 0.9 * min(1.0, done[0] / expected), "predicting")
 
-        handles = [module.register_forward_pre_hook(on_stage) for module in self._stage_modules]
+        handles = [module.register_forward_pre_hook(on_stage) for module in self._conv_modules]
         try:
             if cancel.is_set():
                 raise InferenceCancelled()
@@ -184,6 +186,27 @@ class Segmenter:
         label.CopyInformation(ct)
         report(1.0, "done")
         return label
+
+    def _count_convolutions_per_pass(self) -> int:
+        """Convolutions one forward pass runs (unused deep-supervision heads are skipped by the network)."""
+        import torch
+
+        calls = [0]
+
+        def count(_module, _inputs):
+            calls[0] += 1
+
+        handles = [module.register_forward_pre_hook(count) for module in self._conv_modules]
+        divisor = _network_divisor(self.predictor.configuration_manager)
+        channels = len(self.predictor.dataset_json["channel_names"])
+        try:
+            self.predictor.network.eval()
+            with torch.inference_mode():
+                self.predictor.network(torch.zeros((1, channels, *[2 * int(d) for d in divisor])))
+        finally:
+            for handle in handles:
+                handle.remove()
+        return max(1, calls[0])
 
     def _tiles(self, array: np.ndarray) -> int:
         """How many network calls per pass nnU-Net will make (1 with the whole-volume tile)."""
