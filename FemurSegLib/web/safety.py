@@ -1,0 +1,93 @@
+"""Checks on what the browser sends: upload size and content, and paths confined to allowed folders.
+
+The server may be reachable by other local users, so a path typed in the page is only trusted after it is
+resolved (symlinks followed) and found inside an allowed root, and an upload is only loaded after
+:func:`FemurSegLib.imageio.read_image` accepted it as a 3D scalar image.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import SimpleITK as sitk
+
+from ..dataset import CASE_NAME, DATASET_FOLDER
+from ..errors import FemurSegError
+from ..imageio import IMAGE_SUFFIXES, image_suffix, read_image
+
+DEFAULT_MAX_UPLOAD_BYTES = 512 * 1024**2
+
+
+def resolve_inside(text: str, roots: list[Path], what: str) -> Path:
+    """The existing file ``text`` names, if it lies inside one of ``roots`` once resolved; else FemurSegError."""
+    text = text.strip()
+    if not text:
+        raise FemurSegError(f"Type the path of the {what}.")
+    candidate = Path(text).expanduser()
+    if not candidate.is_absolute():
+        candidate = roots[0] / candidate
+    resolved = candidate.resolve()
+    if not any(resolved.is_relative_to(root.resolve()) for root in roots):
+        allowed = ", ".join(str(root) for root in roots)
+        raise FemurSegError(f"'{text}' is outside the folders this server may read ({allowed}).")
+    if not resolved.is_file():
+        raise FemurSegError(f"The {what} '{text}' does not exist or is not a file.")
+    return resolved
+
+
+def dataset_dir_inside(datasets_root: Path, folder_name: str) -> Path:
+    """``datasets_root/folder_name`` for a plain nnU-Net dataset folder name that stays inside the root."""
+    name = folder_name.strip()
+    if not DATASET_FOLDER.fullmatch(name):
+        raise FemurSegError(
+            f"Dataset folder '{folder_name}' is not a plain nnU-Net dataset name like Dataset101_FemurCorrected "
+            "(no slashes, '..' or absolute paths)."
+        )
+    root = datasets_root.resolve()
+    target = (root / name).resolve()
+    if target.parent != root:
+        raise FemurSegError(f"Dataset folder '{folder_name}' leads outside {root} (a symlink?); refused.")
+    return target
+
+
+def check_case_name(case: str) -> str:
+    """The case name stripped, if it is a plain name export_case accepts."""
+    case = case.strip()
+    if not CASE_NAME.fullmatch(case):
+        raise FemurSegError(f"Case name '{case}' may only use letters, digits, '_' and '-'.")
+    return case
+
+
+def check_upload_size(name: str, size: int, max_bytes: int) -> None:
+    """Refuse an upload over the limit before reading it."""
+    if size > max_bytes:
+        raise FemurSegError(
+            f"'{name}' is {size / 1024**2:.1f} MB; uploads are limited to {max_bytes / 1024**2:.0f} MB. "
+            "Put the file under an allowed folder and open it by path instead."
+        )
+
+
+def validated_upload(name: str, content: bytes, max_bytes: int, folder: Path, what: str) -> tuple[Path, sitk.Image]:
+    """Write an upload to a temporary file in ``folder`` and read it back as a 3D scalar image.
+
+    The file keeps the upload's image extension (SimpleITK picks its reader by it); on refusal it is removed.
+    """
+    check_upload_size(name, len(content), max_bytes)
+    suffix = image_suffix(name)
+    if suffix not in IMAGE_SUFFIXES or suffix == ".mhd":
+        raise FemurSegError(f"'{name}' is not an NRRD, NIfTI or MHA file; upload a 3D image (.nrrd, .nii.gz, .mha).")
+    handle, temporary = tempfile.mkstemp(suffix=suffix, dir=folder)
+    path = Path(temporary)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(content)
+        image = read_image(path, f"The uploaded {what}")
+    except FemurSegError as error:  # name the upload, not the server's temporary file
+        path.unlink(missing_ok=True)
+        raise FemurSegError(str(error).replace(f"'{path}'", f"'{name}'").replace(str(path), name)) from None
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return path, image

@@ -1,0 +1,362 @@
+"""What the FemurSeg panel's buttons do, on the Slicer scene of one trame-slicer app.
+
+Long steps never block the server: segmentation runs in a child process (:class:`SegmentationProcess`) polled
+by an asyncio task that copies its progress into the trame state; fill runs in a worker thread. Scene work
+(MRML is not thread-safe) stays on the event loop and goes through :mod:`FemurSegLib.scene`, shared with
+desktop Slicer. Problems the user can fix arrive as FemurSegError and are shown in the page as they are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import SimpleITK as sitk
+import slicer
+from trame_server import Server
+from trame_slicer.app.logic import SegmentEditorLogic
+from trame_slicer.core import SlicerApp
+from trame_slicer.segmentation import SegmentationOverwriteMode
+
+from .. import scene
+from ..demo import SAMPLE_CT
+from ..errors import FemurSegError
+from ..fill import compute_fill
+from ..imageio import read_image
+from ..runner import SegmentationProcess
+from .panel import METRIC_ROWS
+from .safety import check_case_name, check_upload_size, dataset_dir_inside, resolve_inside, validated_upload
+
+logger = logging.getLogger(__name__)
+POLL_S = 0.25
+
+
+class Workflow:
+    """The FemurSeg state of one page: the CT, the drafts on it, and the running segmentation."""
+
+    def __init__(self, server: Server, slicer_app: SlicerApp, editor_logic: SegmentEditorLogic,
+                 datasets_root: Path, open_roots: list[Path], max_upload_bytes: int) -> None:
+        self.server, self.state = server, server.state
+        self.slicer_app = slicer_app
+        self.editor_logic = editor_logic
+        self.datasets_root = datasets_root
+        self.open_roots = open_roots
+        self.max_upload_bytes = max_upload_bytes
+        self.work_dir = Path(tempfile.mkdtemp(prefix="femurseg-web-"))
+        self.ct_image: sitk.Image | None = None
+        self.ct_path: Path | None = None
+        self.ct_source = ""
+        self.seg_logic = slicer_app.segmentations_logic
+        self.volume_node: Any = None
+        self.drafts: dict[str, Any] = {}  # segment name -> its segmentation node
+        self.comparison: scene.Comparison | None = None
+        self.process: SegmentationProcess | None = None
+        self.state.update({
+            "fs_message": "", "fs_message_type": "info", "fs_ct_name": "", "fs_busy": False, "fs_uploading": False,
+            "fs_segmenting": False, "fs_progress": 0.0, "fs_stage": "", "fs_metrics": [], "fs_worst_slice": "",
+            "fs_segment_items": [], "fs_target_segment": "", "fs_max_upload": max_upload_bytes,
+            "fs_datasets_root": str(datasets_root), "fs_open_roots": ", ".join(str(r) for r in open_roots),
+        })
+        self.server.trigger("fs_upload")(self.upload)
+        self.server.trigger("fs_upload_refused")(self.upload_refused)
+        self.server.trigger("fs_open_path")(self.open_path)
+        self.server.trigger("fs_load_fill_path")(self.load_fill_path)
+        self.server.trigger("fs_export")(self.export)
+        self.state.change("fs_target_segment")(self._on_target_segment)
+        # Segments added or selected in the Segment Editor show up in (and drive) the panel's segment choice.
+        editor = slicer_app.segmentation_editor
+        editor.segmentation_modified.connect(self._update_segment_items)
+        editor.active_segment_id_changed.connect(self._on_editor_segment)
+
+    def actions(self) -> dict[str, Callable]:
+        """The panel's button callbacks."""
+        return {"load_sample": self.load_sample, "segment": self.segment, "cancel": self.cancel,
+                "compute_fill": self.compute_fill}
+
+    def close(self) -> None:
+        """Stop a running segmentation and remove this session's temporary files."""
+        if self.process is not None:
+            self.process.cancel()
+        shutil.rmtree(self.work_dir, ignore_errors=True)
+
+    # -- messages ---------------------------------------------------------------------------------------------
+
+    def _say(self, text: str, kind: str = "info") -> None:
+        with self.state:
+            self.state.fs_message, self.state.fs_message_type = text, kind
+
+    def _guarded(self, what: str, action: Callable[[], Any]) -> Any:
+        """Run ``action``; show a FemurSegError (or any other failure) in the page instead of raising."""
+        try:
+            return action()
+        except FemurSegError as error:
+            self._say(str(error), "error")
+        except Exception as error:  # the server must survive any single bad request
+            logger.exception("%s failed", what)
+            self._say(f"{what} failed unexpectedly: {error}", "error")
+        return None
+
+    # -- opening -----------------------------------------------------------------------------------------------
+
+    def load_sample(self) -> None:
+        self._guarded("Loading the sample", lambda: self._load_ct(SAMPLE_CT, read_image(SAMPLE_CT, "sample CT"),
+                                                                   SAMPLE_CT.name))
+
+    def open_path(self, text: str) -> None:
+        def run() -> None:
+            path = resolve_inside(str(text or ""), self.open_roots, "CT")
+            self._load_ct(path, read_image(path, "CT"), path.name)
+        self._guarded("Opening the CT", run)
+
+    def load_fill_path(self, text: str) -> None:
+        def run() -> None:
+            path = resolve_inside(str(text or ""), self.open_roots, "fill label")
+            self._set_draft(scene.SEGMENT_FILL, read_image(path, "fill label"))
+            self._say(f"Loaded fill label {path.name}.", "success")
+        self._guarded("Loading the fill", run)
+
+    def upload_refused(self, name: str, size: int, _kind: str) -> None:
+        self._guarded("Upload", lambda: check_upload_size(str(name), int(size), self.max_upload_bytes))
+
+    def upload(self, file: dict, kind: str) -> None:
+        """A file sent by the page: validated in a temporary file before anything is loaded."""
+        def run() -> None:
+            name = str(file.get("name", "upload"))
+            content = file.get("content") or b""
+            content = bytes(content) if not isinstance(content, bytes) else content
+            path, image = validated_upload(name, content, self.max_upload_bytes, self.work_dir,
+                                           "CT" if kind == "ct" else "fill label")
+            if kind == "ct":
+                self._load_ct(path, image, name)
+            else:
+                path.unlink(missing_ok=True)
+                self._set_draft(scene.SEGMENT_FILL, image)
+                self._say(f"Loaded fill label {name}.", "success")
+        try:
+            self._guarded("Upload", run)
+        finally:
+            with self.state:
+                self.state.fs_uploading = False
+
+    def _load_ct(self, path: Path, image: sitk.Image, name: str) -> None:
+        """Replace the scene with this CT and an empty segmentation to edit by hand."""
+        self.cancel()
+        self.slicer_app.scene.Clear()
+        self.drafts.clear()
+        self.comparison = None
+        if self.ct_path is not None and self.ct_path != path and self.ct_path.parent == self.work_dir:
+            self.ct_path.unlink(missing_ok=True)  # the previous upload is no longer needed
+        self.ct_image, self.ct_path, self.ct_source = image, path, name
+        self.volume_node = scene.add_volume_node(self.slicer_app.scene, image, name)
+        self.editor_logic.on_volume_changed(self.volume_node)
+        self._editor_defaults()
+        display = self.slicer_app.display_manager
+        display.show_volume_in_slice_background(self.volume_node)
+        display.set_node_visible_in_group(self.volume_node, None)
+        display.reset_views()
+        with self.state:
+            self.state.update({"fs_ct_name": name, "fs_metrics": [], "fs_worst_slice": "", "fs_progress": 0.0})
+        self._refresh_segments()
+        self._say(f"Loaded {name} ({' x '.join(map(str, image.GetSize()))} voxels).", "success")
+
+    def _editor_defaults(self) -> None:
+        # Drafts, comparison segments and corrections overlap: editing one must never erase another.
+        editor = self.slicer_app.segmentation_editor
+        editor.set_overwrite_mode(SegmentationOverwriteMode.ALLOW_OVERLAP)
+        # Show the edited segment in 3D too (trame-slicer's default is 2D only), kept in the editor's state.
+        editor.set_surface_representation_enabled(True)
+        self.editor_logic.data.segment_display.show_3d = True
+
+    # -- drafts ------------------------------------------------------------------------------------------------
+
+    def _require_ct(self) -> sitk.Image:
+        if self.ct_image is None:
+            raise FemurSegError("Load a CT first.")
+        return self.ct_image
+
+    def _set_draft(self, segment_name: str, label: sitk.Image) -> None:
+        """Show a draft as its own segmentation node (replacing an older one), compare when both exist."""
+        self._require_ct()
+        colour = scene.COLOR_NNUNET if segment_name == scene.SEGMENT_NNUNET else scene.COLOR_FILL
+        node = scene.add_label_as_segment(self.slicer_app.scene, self.seg_logic, label, self.volume_node,
+                                          segment_name, colour)
+        old = self.drafts.pop(segment_name, None)
+        self._remove_nodes([old] if old is not None else [])
+        self._remove_empty_segmentations()
+        self.drafts[segment_name] = node
+        node.CreateClosedSurfaceRepresentation()
+        for view in self.slicer_app.view_manager.get_threed_views():
+            view.reset_view()  # frame the new surfaces: the 3D view shows no volume rendering to frame it by
+        if scene.SEGMENT_NNUNET in self.drafts and scene.SEGMENT_FILL in self.drafts:
+            self._compare()
+        self._edit(node)
+        self._refresh_segments(select=f"{node.GetID()}:{node.GetSegmentation().GetNthSegmentID(0)}")
+
+    def _compare(self) -> None:
+        if self.comparison is not None:
+            self._remove_nodes([self.comparison.table_node, self.comparison.disagreement_node])
+        self.comparison = scene.compare_segmentations(
+            self.slicer_app.scene, self.seg_logic, self.drafts[scene.SEGMENT_NNUNET], self.drafts[scene.SEGMENT_FILL],
+            self.volume_node)
+        values = self.comparison.agreement.as_dict()
+        with self.state:
+            self.state.fs_metrics = [{"metric": title, "value": f"{values[key]:.3f}"} for key, title in METRIC_ROWS]
+            self.state.fs_worst_slice = (f"Largest disagreement on axial slice {self.comparison.worst_slice_index} "
+                                         "(shown); orange = nnU-Net only, blue = fill only.")
+        slicer.vtkMRMLSliceNode.JumpAllSlices(self.slicer_app.scene, *self.comparison.worst_slice_ras)
+
+    def _remove_nodes(self, nodes: list[Any]) -> None:
+        for node in nodes:
+            if node is not None and node.GetScene() is self.slicer_app.scene:
+                self.slicer_app.scene.RemoveNode(node)
+
+    def _remove_empty_segmentations(self) -> None:
+        """Drop the blank node made for hand editing once a draft arrives, unless the user drew in it."""
+        for node in list(self.slicer_app.scene.GetNodesByClass("vtkMRMLSegmentationNode")):
+            if node.GetSegmentation().GetNumberOfSegments() == 0:
+                self.slicer_app.scene.RemoveNode(node)
+
+    def _edit(self, node: Any) -> None:
+        """Make ``node`` the one the Segment Editor tools work on."""
+        editor = self.slicer_app.segmentation_editor
+        if editor.active_segmentation_node is not node:
+            editor.set_active_segmentation(node, self.volume_node)
+            self._editor_defaults()
+
+    def _segments(self) -> dict[str, tuple[Any, str, str]]:
+        """Every segment in the scene as ``"nodeID:segmentID" -> (node, segment id, name)``."""
+        found = {}
+        for node in self.slicer_app.scene.GetNodesByClass("vtkMRMLSegmentationNode"):
+            segmentation = node.GetSegmentation()
+            for index in range(segmentation.GetNumberOfSegments()):
+                segment_id = segmentation.GetNthSegmentID(index)
+                name = segmentation.GetSegment(segment_id).GetName()
+                found[f"{node.GetID()}:{segment_id}"] = (node, segment_id, name)
+        return found
+
+    def _update_segment_items(self, *_: Any) -> dict[str, tuple[Any, str, str]]:
+        segments = self._segments()
+        items = [{"title": name, "value": key} for key, (_, _, name) in segments.items()]
+        if items != self.state.fs_segment_items:
+            with self.state:
+                self.state.fs_segment_items = items
+        return segments
+
+    def _on_editor_segment(self, segment_id: str, *_: Any) -> None:
+        node = self.slicer_app.segmentation_editor.active_segmentation_node
+        if node is not None and segment_id:
+            with self.state:
+                self.state.fs_target_segment = f"{node.GetID()}:{segment_id}"
+
+    def _refresh_segments(self, select: str | None = None) -> None:
+        segments = self._update_segment_items()
+        with self.state:
+            if select in segments:
+                self.state.fs_target_segment = select
+            elif self.state.fs_target_segment not in segments:
+                self.state.fs_target_segment = next(iter(segments), "")
+        self.slicer_app.segmentation_editor.trigger_all_signals()
+
+    def _on_target_segment(self, fs_target_segment: str, **_: Any) -> None:
+        """The panel's segment choice drives the Segment Editor: tools act on that segment."""
+        node_segment = self._segments().get(fs_target_segment or "")
+        if node_segment is None:
+            return
+        node, segment_id, _ = node_segment
+        self._edit(node)
+        self.slicer_app.segmentation_editor.set_active_segment_id(segment_id)
+
+    # -- segmentation ------------------------------------------------------------------------------------------
+
+    def segment(self) -> None:
+        def run() -> None:
+            self._require_ct()
+            if self.process is not None:
+                raise FemurSegError("A segmentation is already running.")
+            output = self.work_dir / "nnunet.nii.gz"
+            output.unlink(missing_ok=True)
+            self.process = SegmentationProcess(self.ct_path, output)
+            with self.state:
+                self.state.update({"fs_segmenting": True, "fs_progress": 0.0, "fs_stage": "starting"})
+            self._say("Segmenting…")
+            asyncio.get_event_loop().create_task(self._watch(self.process))
+        self._guarded("Segmentation", run)
+
+    async def _watch(self, process: SegmentationProcess) -> None:
+        """Mirror the child's progress into the page until it ends, then show its label."""
+        while True:
+            state = process.poll()
+            with self.state:
+                self.state.fs_progress = round(100 * state.progress, 1)
+                self.state.fs_stage = state.stage
+            if state.finished:
+                break
+            await asyncio.sleep(POLL_S)
+        if self.process is process:
+            self.process = None
+        with self.state:
+            self.state.fs_segmenting = False
+        if state.cancelled:
+            self._say("Segmentation cancelled.", "warning")
+        elif state.error:
+            self._say(state.error, "error")
+        elif state.output is not None:
+            self._guarded("Showing the segmentation", lambda: self._finish_segment(state.output))
+
+    def _finish_segment(self, output: Path) -> None:
+        self._set_draft(scene.SEGMENT_NNUNET, read_image(output, "nnU-Net label"))
+        compared = " and compared with fill" if self.state.fs_metrics else ""
+        self._say(f"Segmentation done{compared}.", "success")
+
+    def cancel(self) -> None:
+        process, self.process = self.process, None
+        if process is not None:
+            process.cancel()
+
+    async def compute_fill(self) -> None:
+        try:
+            ct = self._require_ct()
+            with self.state:
+                self.state.fs_busy = True
+            self._say("Computing fill…")
+            label = await asyncio.to_thread(compute_fill, ct)
+            if ct is self.ct_image:
+                self._guarded("Showing the fill", lambda: self._set_draft(scene.SEGMENT_FILL, label))
+                self._say("Fill computed" + (" and compared with nnU-Net." if self.state.fs_metrics else "."),
+                          "success")
+        except FemurSegError as error:
+            self._say(str(error), "error")
+        except Exception as error:
+            logger.exception("fill failed")
+            self._say(f"Fill failed unexpectedly: {error}", "error")
+        finally:
+            with self.state:
+                self.state.fs_busy = False
+
+    # -- export ------------------------------------------------------------------------------------------------
+
+    def export(self, dataset_name: str, case_name: str, split: str, target_key: str) -> None:
+        """Export the chosen segment with the CT as a case of ``datasets_root/dataset_name``."""
+        def run() -> None:
+            self._require_ct()
+            dataset_dir = dataset_dir_inside(self.datasets_root, str(dataset_name or ""))
+            case = check_case_name(str(case_name or ""))
+            target = self._segments().get(str(target_key or ""))
+            if target is None:
+                raise FemurSegError("No segment to export yet: segment, compute or load a fill, or add one in the Segment Editor.")
+            node, segment_id, name = target
+            provenance = {"source": "femurseg web", "ct": self.ct_source, "segment": name}
+            if self.comparison is not None:
+                provenance["fill_vs_nnunet"] = self.comparison.agreement.as_dict()
+            result = scene.export_segment(self.slicer_app.scene, self.seg_logic, node, segment_id, self.volume_node,
+                                          dataset_dir, case, test=split == "test",
+                                          provenance=provenance)
+            self._say(f"Exported '{name}' as case {result.case} ({result.split}) to {result.dataset_dir.name}: "
+                      f"{result.image_path.name}, {result.label_path.name}; numTraining {result.num_training}.",
+                      "success")
+        self._guarded("Export", run)

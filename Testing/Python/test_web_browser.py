@@ -1,0 +1,306 @@
+"""``femurseg web`` in a real headless Chromium: the whole job a user does in the page, and its refusals.
+
+The server runs as a user starts it (``python -m FemurSegLib web``) with the real Slicer libraries rendering
+through EGL; Selenium drives /usr/bin/chromium with real mouse and keyboard input. Every wait is bounded and
+the server's process group is always killed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from FemurSegLib.errors import FemurSegError
+from FemurSegLib.web.safety import dataset_dir_inside, resolve_inside, validated_upload
+
+REPO = Path(__file__).resolve().parents[2]
+ARTIFACTS = REPO / "Testing" / "artifacts"
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
+                  "--window-size=1600,1000")
+MAX_UPLOAD_MB = 1
+
+
+# --- the checks on what the browser sends, without a browser -------------------------------------------------
+
+def test_dataset_folder_stays_inside_root(tmp_path):
+    root = tmp_path / "datasets"
+    root.mkdir()
+    assert dataset_dir_inside(root, "Dataset101_FemurCorrected") == root.resolve() / "Dataset101_FemurCorrected"
+    for bad in ("../Dataset101_X", "/tmp/Dataset101_X", "Dataset101_X/../../etc", "", "notadataset"):
+        with pytest.raises(FemurSegError):
+            dataset_dir_inside(root, bad)
+    (tmp_path / "elsewhere").mkdir()
+    (root / "Dataset102_Link").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(FemurSegError, match="outside"):
+        dataset_dir_inside(root, "Dataset102_Link")
+
+
+def test_paths_and_uploads_are_checked(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "ct.nrrd").write_bytes(b"x")
+    (root / "out").symlink_to("/etc/passwd")
+    assert resolve_inside("ct.nrrd", [root], "CT") == (root / "ct.nrrd").resolve()
+    for bad in ("/etc/passwd", "../root/../../etc/passwd", "out", "missing.nrrd"):
+        with pytest.raises(FemurSegError):
+            resolve_inside(bad, [root], "CT")
+    with pytest.raises(FemurSegError, match="limited"):
+        validated_upload("big.nrrd", b"0" * 2048, 1024, tmp_path, "CT")
+    with pytest.raises(FemurSegError, match="could not be read") as refused:
+        validated_upload("notes.nrrd", b"just text", 1024, tmp_path, "CT")
+    assert str(tmp_path) not in str(refused.value)
+    flat = sitk.Image(8, 8, sitk.sitkInt16)
+    sitk.WriteImage(flat, str(tmp_path / "flat.nrrd"))
+    with pytest.raises(FemurSegError, match="2D"):
+        validated_upload("flat.nrrd", (tmp_path / "flat.nrrd").read_bytes(), 1 << 20, tmp_path, "CT")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["flat.nrrd", "root"]  # refused uploads removed
+
+
+# --- the page in Chromium --------------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _wait(condition: Callable[[], object], timeout_s: float, what: str, interval_s: float = 0.25) -> object:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def web_server(tmp_path_factory) -> Iterator[tuple[str, Path, Path]]:
+    """A running ``femurseg web`` on a free loopback port: (url, datasets root, log file)."""
+    if not CHROMIUM.exists() or not CHROMEDRIVER.exists():
+        pytest.skip("needs /usr/bin/chromium and /usr/bin/chromedriver (apt-get install chromium chromium-driver)")
+    (ARTIFACTS / "web_failure.png").unlink(missing_ok=True)  # only a failure of this run may leave one
+    base = tmp_path_factory.mktemp("web")
+    datasets_root, log_path = base / "datasets", base / "server.log"
+    port = _free_port()
+    (base / "tmp").mkdir()  # the server's temporary files: SIGKILL leaves them, pytest's tmp rotation removes them
+    env = dict(os.environ, VTK_DEFAULT_OPENGL_WINDOW="vtkEGLRenderWindow", PYTHONPATH=str(REPO),
+               FEMURSEG_WEB_MAX_UPLOAD_MB=str(MAX_UPLOAD_MB), TMPDIR=str(base / "tmp"))
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "FemurSegLib", "web", "--port", str(port), "--datasets-root", str(datasets_root)],
+            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/"
+
+    def answers() -> bool:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    try:
+        _wait(answers, 90, "the server to answer")
+        yield url, datasets_root, log_path
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def browser(web_server):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager must never go online; the driver is given
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    profile = tempfile.TemporaryDirectory(prefix="femurseg-chromium-")
+    options.add_argument(f"--user-data-dir={profile.name}")
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    driver.set_page_load_timeout(60)
+    driver.set_script_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        profile.cleanup()
+
+
+class Page:
+    """The FemurSeg page, driven through the ``fs-*`` ids the panel gives its widgets."""
+
+    def __init__(self, driver, url: str) -> None:
+        from selenium.webdriver.common.by import By
+
+        self.driver, self.by = driver, By
+        driver.get(url)
+        _wait(lambda: driver.find_elements(By.ID, "fs-load-sample"), 60, "the FemurSeg panel")
+
+    def element(self, element_id: str):
+        return self.driver.find_element(self.by.ID, element_id)
+
+    def click(self, element_id: str) -> None:
+        self.element(element_id).click()
+
+    def message(self) -> str:
+        return self.driver.execute_script("return document.getElementById('fs-message')?.textContent ?? ''")
+
+    def dismiss(self) -> None:
+        """Close the message, so the next expect() sees only what the next action says."""
+        self.driver.execute_script("document.querySelector('#fs-message .v-alert__close button')?.click()")
+        _wait(lambda: not self.message(), 10, "the message to close")
+
+    def expect(self, text: str, timeout_s: float = 30) -> str:
+        """Wait for ``text`` in the page's message; on time-out keep a screenshot to see why."""
+        try:
+            return _wait(lambda: text in self.message() and self.message(), timeout_s, f"'{text}' in the page")
+        except AssertionError:
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            self.driver.save_screenshot(str(ARTIFACTS / "web_failure.png"))
+            raise AssertionError(f"no '{text}' within {timeout_s:.0f} s; the page says '{self.message()}' "
+                                 "(Testing/artifacts/web_failure.png)") from None
+
+    def type(self, element_id: str, text: str) -> None:
+        from selenium.webdriver.common.keys import Keys
+
+        field = self.element(element_id)
+        field.send_keys(Keys.CONTROL, "a")
+        field.send_keys(Keys.DELETE)
+        field.send_keys(text)
+
+    def upload(self, path: Path) -> None:
+        self.element("fs-upload-ct").send_keys(str(path))
+
+    def axial_view(self):
+        """The largest view in the 'Axial Primary' layout is the axial slice view."""
+        images = self.driver.find_elements(self.by.CSS_SELECTOR, "img.image-display-area")
+        return max(images, key=lambda image: image.size["width"] * image.size["height"])
+
+
+def _label_voxels(path: Path) -> int:
+    return int(np.count_nonzero(sitk.GetArrayFromImage(sitk.ReadImage(str(path)))))
+
+
+def test_refusals_leave_the_server_up(web_server, browser, tmp_path):
+    url, datasets_root, _ = web_server
+    page = Page(browser, url)
+
+    big = tmp_path / "big.nrrd"
+    big.write_bytes(b"\0" * (MAX_UPLOAD_MB * 1024**2 + 1))
+    page.upload(big)
+    page.expect("uploads are limited to 1 MB")
+    page.dismiss()
+
+    junk = tmp_path / "notes.nrrd"
+    junk.write_text("not an image\n")
+    page.upload(junk)
+    page.expect("could not be read as an image")
+    assert "femurseg-web-" not in page.message()  # the server's temporary file is not shown
+    page.dismiss()
+
+    page.type("fs-path", "/etc/passwd")
+    page.click("fs-open-path")
+    page.expect("outside the folders this server may read")
+    page.dismiss()
+
+    page.click("fs-load-sample")  # the next request still works
+    page.expect("Loaded FemurPhantom05.nrrd")
+    page.type("fs-dataset", "../Dataset666_Escape")
+    page.click("fs-export")
+    page.expect("not a plain nnU-Net dataset name")
+    assert not any(datasets_root.parent.glob("Dataset666*")) and not any(datasets_root.iterdir())
+
+
+def test_segment_compare_paint_export(web_server, browser, artifacts_dir):
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    url, datasets_root, log_path = web_server
+    page = Page(browser, url)
+    page.dismiss()
+    page.type("fs-path", "")
+    page.type("fs-dataset", "Dataset101_FemurCorrected")
+    page.click("fs-load-sample")
+    page.expect("Loaded FemurPhantom05.nrrd")
+
+    page.click("fs-segment")  # progress shows and Cancel stops the child
+    _wait(lambda: browser.find_elements(page.by.ID, "fs-progress"), 20, "the progress bar")
+    page.click("fs-cancel")
+    page.expect("Segmentation cancelled")
+
+    page.click("fs-compute-fill")
+    page.expect("Fill computed")
+    page.click("fs-segment")
+    page.expect("Segmentation done and compared with fill", timeout_s=120)
+    metrics = page.element("fs-metrics").text
+    assert "Dice" in metrics and "95% Hausdorff distance (mm)" in metrics
+    dice = float(metrics.split("Dice", 1)[1].split()[0])
+    assert 0.5 < dice <= 1.0
+    assert "Largest disagreement on axial slice" in browser.find_element(page.by.TAG_NAME, "body").text
+    browser.execute_script("document.getElementById('fs-metrics').scrollIntoView({block: 'center'})")
+    time.sleep(1.5)  # let the views stream their last frame
+    browser.save_screenshot(str(artifacts_dir / "web_after_segment.png"))
+
+    # The draft as segmented, kept as a test case to compare the corrected label with.
+    page.type("fs-case", "draft")
+    browser.execute_script("document.getElementById('fs-split-test').click()")
+    page.click("fs-export")
+    page.expect("Exported 'Femur (nnU-Net)' as case draft (test)")
+    page.dismiss()
+
+    # Paint one stroke with the mouse on the axial view, above the femur, into "Femur (nnU-Net)".
+    paint = browser.find_elements(page.by.CSS_SELECTOR, "button .mdi-brush")
+    paint[0].click()
+    view = page.axial_view()
+    height, width = view.size["height"], view.size["width"]
+    stroke = ActionChains(browser, duration=50)
+    stroke.move_to_element_with_offset(view, -int(0.2 * width), -int(0.1 * height)).click_and_hold()
+    for _ in range(16):
+        stroke.move_by_offset(int(0.4 * width / 16), 0)
+    stroke.release().perform()
+    _wait(lambda: browser.execute_script("return window.trame.state.get('SegmentEditorState__can_undo')"), 60,
+          "the stroke to reach the segmentation (Undo enabled)")
+
+    page.type("fs-case", "case001")
+    browser.execute_script("document.getElementById('fs-split-train').click()")
+    page.click("fs-export")
+    confirmation = page.expect("Exported 'Femur (nnU-Net)' as case case001 (train)", timeout_s=60)
+    assert "numTraining 1" in confirmation
+    browser.save_screenshot(str(artifacts_dir / "web_after_export.png"))
+    page.click("fs-tab-editor")  # the rest of Slicer's Segment Editor: islands, threshold, ...
+    for icon in ("mdi-scatter-plot", "mdi-auto-fix", "mdi-eraser"):
+        _wait(lambda icon=icon: browser.find_elements(page.by.CSS_SELECTOR, f".v-window-item--active .{icon}"), 10,
+              icon)
+
+    dataset = datasets_root / "Dataset101_FemurCorrected"
+    info = json.loads((dataset / "dataset.json").read_text())
+    assert info["numTraining"] == 1
+    image, label = dataset / "imagesTr" / "case001_0000.nii.gz", dataset / "labelsTr" / "case001.nii.gz"
+    assert image.is_file() and label.is_file()
+    draft = dataset / "labelsTs" / "draft.nii.gz"
+    painted = _label_voxels(label) - _label_voxels(draft)
+    assert painted > 20, f"the stroke added {painted} voxels to the label"
+    assert sitk.ReadImage(str(image)).GetSize() == sitk.ReadImage(str(label)).GetSize()
+    assert "Traceback" not in log_path.read_text()
