@@ -8,6 +8,8 @@ import hashlib
 import json
 import os
 import random
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -309,15 +311,32 @@ def test_write_failure_mid_export_leaves_dataset_unchanged(dataset_with_case: Pa
     assert tree_hashes(dataset_with_case) == before
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores chmod; the EACCES case of the write-failure test covers it")
-def test_read_only_dataset_is_refused(dataset_with_case: Path) -> None:
+def _as_unprivileged(command: list[str]) -> list[str]:
+    """Root ignores file modes; drop the capabilities that let it, so a read-only folder is read-only."""
+    if os.geteuid() != 0:
+        return command
+    if shutil.which("capsh") is None:
+        pytest.skip("running as root without capsh: cannot make a folder read-only for this process")
+    return ["capsh", "--drop=cap_dac_override,cap_dac_read_search,cap_fowner", "--", "-c", shlex.join(command)]
+
+
+@pytest.mark.parametrize("read_only", ["labelsTr", "."])
+def test_read_only_dataset_is_refused(dataset_with_case: Path, tmp_path: Path, read_only: str) -> None:
+    ct, label = small_case(5)
+    sitk.WriteImage(ct, str(tmp_path / "ct.nrrd"))
+    sitk.WriteImage(label, str(tmp_path / "label.nrrd"))
     before = tree_hashes(dataset_with_case)
-    os.chmod(dataset_with_case / "labelsTr", 0o555)
+    folder = dataset_with_case / read_only
+    os.chmod(folder, 0o555)
+    command = [sys.executable, "-m", "FemurSegLib", "export", str(tmp_path / "ct.nrrd"), str(tmp_path / "label.nrrd"),
+               str(dataset_with_case), "--case", "B1"]
     try:
-        with pytest.raises(FemurSegError, match="is not writable"):
-            export_case(*small_case(5), dataset_with_case, "B1")
+        result = subprocess.run(_as_unprivileged(command), capture_output=True, text=True, timeout=120,
+                                env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2])))
     finally:
-        os.chmod(dataset_with_case / "labelsTr", 0o755)
+        os.chmod(folder, 0o755)
+    assert result.returncode == 2, result.stderr
+    assert "not writable" in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert tree_hashes(dataset_with_case) == before
 
 
