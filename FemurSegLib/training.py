@@ -2,9 +2,15 @@
 
 Why this configuration (DESIGN.md §4; measured on the 2-core CPU): the default 3d_fullres plan costs ~50 s per
 iteration, far beyond a two-hour budget. The bundled model keeps nnU-Net's 1 mm target spacing (accuracy at
-1 mm is the goal) but trains a narrow U-Net (8 -> 128 features) on 64 x 64 x 96 patches. At inference FemurSeg
-predicts the whole volume as one tile (the network is fully convolutional), which removes the sliding-window
-overlap cost; ``benchmarks/`` compares that with stock nnU-Net tiling on the same weights.
+1 mm is the goal) but uses a narrow U-Net (8 -> 128 features), trained in two stages:
+
+1. ``3d_femurseg``: 64 x 64 x 96 patches, 36 x 50 iterations, learning rate 0.01 (~1-1.5 s per iteration);
+2. ``3d_femurseg_large``: the stage-1 weights fine-tuned on 96 x 96 x 160 patches (nearly the whole volume),
+   8 x 50 iterations, learning rate 0.003 (~3-4 s per iteration).
+
+At inference FemurSeg predicts the whole volume as one tile (the network is fully convolutional), which removes
+the sliding-window overlap cost; stage 2 makes the network's instance normalisation see that field of view in
+training too. ``benchmarks/`` compares FemurSeg with stock nnU-Net tiling on the same weights.
 
 The checkpoint is trained by the plain ``nnUNetTrainer`` class (only the epoch and iteration counts are set on
 the instance), so any nnU-Net v2 installation can load it. Training seeds start at ``TRAIN_SEED_START``;
@@ -47,6 +53,13 @@ ARCHITECTURE = {
 }
 PATCH_SIZE = [64, 64, 96]
 BATCH_SIZE = 2
+# Stage 2 fine-tunes the stage-1 weights on nearly whole-volume patches: instance normalisation then sees the
+# same field of view in training as in FemurSeg's one-tile inference (stage-1 weights alone lost 3 Dice points
+# when run on the whole volume: benchmarks/, 2026-11-23).
+FINE_TUNE_CONFIGURATION = "3d_femurseg_large"
+FINE_TUNE_PATCH_SIZE = [96, 96, 160]
+FINE_TUNE_LEARNING_RATE = 0.003
+BUNDLED_CONFIGURATION = FINE_TUNE_CONFIGURATION
 
 
 def _set_nnunet_paths(work_dir: Path) -> None:
@@ -86,31 +99,49 @@ def plan_and_preprocess(work_dir: Path) -> None:
         "batch_size": BATCH_SIZE,
         "architecture": ARCHITECTURE,
     }
+    plans["configurations"][FINE_TUNE_CONFIGURATION] = {
+        "inherits_from": CONFIGURATION,
+        "patch_size": FINE_TUNE_PATCH_SIZE,
+    }
     plans_path.write_text(json.dumps(plans, indent=2))
     preprocess([DATASET_ID], configurations=(CONFIGURATION,), num_processes=(2,))
 
 
-def train(work_dir: Path, epochs: int, iterations_per_epoch: int) -> Path:
-    """Train fold 'all' with the plain nnUNetTrainer; resumes from checkpoint_latest.pth when present."""
+def _trained_folder(work_dir: Path, configuration: str) -> Path:
+    return work_dir / "results" / DATASET_NAME / f"nnUNetTrainer__nnUNetPlans__{configuration}"
+
+
+def train(work_dir: Path, epochs: int, iterations_per_epoch: int, configuration: str = CONFIGURATION,
+          initial_lr: float = 0.01, start_from: Path | None = None) -> Path:
+    """Train fold 'all' with the plain nnUNetTrainer; resumes from checkpoint_latest.pth when present.
+
+    ``start_from`` initialises the network from another checkpoint (fine-tuning), as nnU-Net's
+    ``-pretrained_weights`` does.
+    """
     # Augmentation in the main process: as fast as 2 workers on 2 cores (DESIGN.md §4). Set only here: the
     # planner calls torch.set_num_threads(nnUNet_n_proc_DA), which refuses 0.
     os.environ["nnUNet_n_proc_DA"] = "0"
     import torch
+    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     torch.set_num_threads(os.cpu_count() or 1)
     preprocessed = work_dir / "preprocessed" / DATASET_NAME
     plans = json.loads((preprocessed / "nnUNetPlans.json").read_text())
     dataset_json = json.loads((preprocessed / "dataset.json").read_text())
-    latest = work_dir / "results" / DATASET_NAME / f"nnUNetTrainer__nnUNetPlans__{CONFIGURATION}" / "fold_all" / "checkpoint_latest.pth"
+    latest = _trained_folder(work_dir, configuration) / "fold_all" / "checkpoint_latest.pth"
     plans["continue_training"] = latest.exists()
-    trainer = nnUNetTrainer(plans, CONFIGURATION, "all", dataset_json, device=torch.device("cpu"))
+    trainer = nnUNetTrainer(plans, configuration, "all", dataset_json, device=torch.device("cpu"))
     trainer.num_epochs = epochs
     trainer.num_iterations_per_epoch = iterations_per_epoch
     trainer.num_val_iterations_per_epoch = 4
+    trainer.initial_lr = initial_lr
     trainer.save_every = 1
     if latest.exists():
         trainer.load_checkpoint(str(latest))
+    elif start_from is not None:
+        trainer.initialize()
+        load_pretrained_weights(trainer.network, str(start_from), verbose=False)
     trainer.run_training()
     return Path(trainer.output_folder)
 
@@ -123,7 +154,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cases", type=int, default=40)
     parser.add_argument("--epochs", type=int, default=36)
     parser.add_argument("--iterations", type=int, default=50)
-    parser.add_argument("--stage", choices=["data", "plan", "train", "bundle", "all"], default="all")
+    parser.add_argument("--fine-tune-epochs", type=int, default=8)
+    parser.add_argument("--stage", choices=["data", "plan", "train", "finetune", "bundle", "all"], default="all")
     parser.add_argument("--model-dir", type=Path, help="where to bundle the trained model (default: print only)")
     args = parser.parse_args(argv)
     work_dir = args.work_dir.resolve()
@@ -138,16 +170,20 @@ def main(argv: list[str] | None = None) -> None:
     if args.stage in ("train", "all"):
         output = train(work_dir, args.epochs, args.iterations)
         print(f"trained into {output} after {time.time() - started:.0f} s", flush=True)
+    if args.stage in ("finetune", "all"):
+        stage_one = _trained_folder(work_dir, CONFIGURATION) / "fold_all" / "checkpoint_final.pth"
+        output = train(work_dir, args.fine_tune_epochs, args.iterations, FINE_TUNE_CONFIGURATION,
+                       FINE_TUNE_LEARNING_RATE, start_from=stage_one)
+        print(f"fine-tuned into {output} after {time.time() - started:.0f} s", flush=True)
     if args.stage in ("bundle", "all") and args.model_dir:
         target = bundle_model(work_dir, args.model_dir)
         training = {"cases": args.cases, "epochs": args.epochs, "iterations": args.iterations,
-                    "patch_size": PATCH_SIZE, "batch_size": BATCH_SIZE}
+                    "patch_size": PATCH_SIZE, "batch_size": BATCH_SIZE,
+                    "fine_tune_epochs": args.fine_tune_epochs, "fine_tune_patch_size": FINE_TUNE_PATCH_SIZE,
+                    "fine_tune_learning_rate": FINE_TUNE_LEARNING_RATE}
         write_model_card(args.model_dir, training, held_out=None)
         print(f"bundled into {target}; run benchmarks/inference_benchmark.py --card to add held-out metrics")
 
-
-if __name__ == "__main__":
-    main()
 
 
 def strip_checkpoint(source: Path, destination: Path) -> None:
@@ -185,8 +221,9 @@ def bundle_model(work_dir: Path, model_dir: Path, checkpoint_name: str = "checkp
     """Copy plans/dataset JSON and a stripped checkpoint into ``model_dir`` in nnU-Net's results layout."""
     import shutil
 
-    trained = work_dir / "results" / DATASET_NAME / f"nnUNetTrainer__nnUNetPlans__{CONFIGURATION}"
+    trained = _trained_folder(work_dir, BUNDLED_CONFIGURATION)
     target = model_dir / DATASET_NAME / trained.name
+    shutil.rmtree(model_dir / DATASET_NAME, ignore_errors=True)  # one model per folder: drop older configurations
     (target / "fold_all").mkdir(parents=True, exist_ok=True)
     for name in ("plans.json", "dataset.json", "dataset_fingerprint.json"):
         shutil.copy2(trained / name, target / name)
@@ -207,7 +244,7 @@ def write_model_card(model_dir: Path, training: dict, held_out: dict | None) -> 
                          f"{TRAIN_SEED_START + int(training.get('cases', 0)) - 1} (FemurSegLib.phantom)",
         "held_out_data": "phantom seeds 1-999 are never used for training",
         "recipe": f"femurseg train-bundled WORK_DIR --cases {training.get('cases')} --epochs {training.get('epochs')} "
-                  f"--iterations {training.get('iterations')}",
+                  f"--iterations {training.get('iterations')} --fine-tune-epochs {training.get('fine_tune_epochs')}",
         "training": training,
         "held_out_metrics": held_out,
         "limitations": "Trained on synthetic phantoms only; not validated on real CT. Correct its output before "
@@ -232,3 +269,7 @@ def write_model_card(model_dir: Path, training: dict, held_out: dict | None) -> 
 {metrics}
 """
     write_bytes_atomic(model_dir / "MODEL_CARD.md", markdown.encode())
+
+
+if __name__ == "__main__":
+    main()

@@ -122,7 +122,7 @@ def main() -> None:
         dices = [a.dice for a in scores[name]]
         print(f"{name:26s}{np.mean(dices):9.4f}{np.min(dices):10.4f}{mean(name, 'sensitivity'):8.4f}"
               f"{mean(name, 'specificity'):8.4f}{mean(name, 'asd_mm'):9.4f}{mean(name, 'hd95_mm'):9.3f}")
-    wins = sum(f.dice > max(t.dice, g.dice) for f, t, g in zip(scores["femurseg"], scores["fill"], scores["threshold"]))
+    wins = int(sum(f.dice > max(t.dice, g.dice) for f, t, g in zip(scores["femurseg"], scores["fill"], scores["threshold"])))
     print(f"FemurSeg beats fill and threshold on {wins}/{len(seeds)} cases (Dice)")
     print(f"Dice agreement FemurSeg vs stock: mean {np.mean(scores['agreement']):.4f}, min {np.min(scores['agreement']):.4f}")
     print(f"{'engine':26s}{'load s':>9s}{'cold 1st s':>12s}{'warm s/vol':>12s}{'peak RSS GiB':>14s}")

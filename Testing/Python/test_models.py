@@ -89,7 +89,7 @@ def model_files(bundled, prefix: str) -> dict[str, bytes]:
     ("fold_all/checkpoint_final.pth", "no fold_N folder|lacks checkpoint_final.pth"),
 ])
 def test_incomplete_zip_is_refused_and_nothing_installed(bundled, tmp_path, models_dir, drop, message):
-    prefix = "Dataset500_FemurPhantom/nnUNetTrainer__nnUNetPlans__3d_femurseg/"
+    prefix = f"{bundled.trained_folder.parent.name}/{bundled.trained_folder.name}/"
     files = {k: v for k, v in model_files(bundled, prefix).items() if not k.endswith(drop)}
     with pytest.raises(FemurSegError, match=message):
         install_model(make_zip(tmp_path / "broken.zip", files))
@@ -97,7 +97,7 @@ def test_incomplete_zip_is_refused_and_nothing_installed(bundled, tmp_path, mode
 
 
 def test_zip_that_lost_its_dataset_folder_is_refused_clearly(bundled, tmp_path, models_dir):
-    files = model_files(bundled, "MyFemurModel/nnUNetTrainer__nnUNetPlans__3d_femurseg/")
+    files = model_files(bundled, f"MyFemurModel/{bundled.trained_folder.name}/")
     with pytest.raises(FemurSegError, match="DatasetXXX_"):
         install_model(make_zip(tmp_path / "renamed.zip", files))
 
