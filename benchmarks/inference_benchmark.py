@@ -26,14 +26,16 @@ sys.path.insert(0, str(REPO))
 
 
 def worker(engine: str, seeds: list[int], out_dir: Path) -> dict:
-    """Runs in a child: load the model (cold), segment every phantom (warm), record times and peak RSS."""
+    """Runs in a child: load the model (cold), segment every phantom (warm), record times and peak RSS.
+
+    The CTs are read from files the parent wrote, so the peak RSS is the engine's, not the phantom generator's.
+    """
     import SimpleITK as sitk
 
     started = time.perf_counter()
     os.environ.setdefault("nnUNet_n_proc_DA", "1")
     from FemurSegLib.inference import InferenceOptions, Segmenter
     from FemurSegLib.models import resolve_model
-    from FemurSegLib.phantom import generate_phantom
 
     model = resolve_model(None)
     if engine == "femurseg":
@@ -60,7 +62,7 @@ def worker(engine: str, seeds: list[int], out_dir: Path) -> dict:
     load_s = time.perf_counter() - started
     times = []
     for index, seed in enumerate(seeds):
-        ct, _, _ = generate_phantom(seed)
+        ct = sitk.ReadImage(str(out_dir / f"ct_{seed}.nrrd"))
         tick = time.perf_counter()
         label = predict(ct)
         times.append(time.perf_counter() - tick)
@@ -102,6 +104,8 @@ def main() -> None:
     seeds = list(range(1, args.cases + 1))
     with tempfile.TemporaryDirectory() as temporary:
         out_dir = Path(temporary)
+        for seed in seeds:
+            sitk.WriteImage(generate_phantom(seed)[0], str(out_dir / f"ct_{seed}.nrrd"))
         runs = {engine: run_engine(engine, seeds, out_dir) for engine in ("femurseg", "stock")}
         scores: dict[str, list] = {"femurseg": [], "stock": [], "fill": [], "threshold": [], "agreement": []}
         for seed in seeds:
