@@ -255,12 +255,12 @@ def _dataset_json_problem(dataset_json: Any) -> str | None:
         return "it has several channels; FemurSeg exports a single CT channel"
     if dataset_json["file_ending"] not in FILE_ENDINGS:
         return f"its file_ending '{dataset_json['file_ending']}' is not one of {', '.join(FILE_ENDINGS)}"
-    if _femur_label(dataset_json["labels"]) is None:
+    if femur_label(dataset_json["labels"]) is None:
         return "its labels must be background 0 plus exactly one femur label (value 1-255)"
     return None
 
 
-def _femur_label(labels: Any) -> tuple[str, int] | None:
+def femur_label(labels: Any) -> tuple[str, int] | None:
     """The single non-background label, whatever its name (the seed's dataset calls it 'bone')."""
     if not isinstance(labels, dict) or labels.get("background") != 0:
         return None
@@ -272,7 +272,7 @@ def _femur_label(labels: Any) -> tuple[str, int] | None:
 
 def _femur_value(foreground: int, dataset_json: dict[str, Any], dataset_dir: Path) -> int:
     """The value the label is written with; the input's single foreground value must be 1 or that value."""
-    name, value = _femur_label(dataset_json["labels"])
+    name, value = femur_label(dataset_json["labels"])
     if foreground not in (1, value):
         raise FemurSegError(
             f"The label's femur voxels have value {foreground}, which is not in {dataset_dir / 'dataset.json'}'s "

@@ -21,13 +21,12 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .dataset import DATASET_FOLDER, femur_label
 from .errors import FemurSegError
 
 BUNDLED_MODELS_DIR = Path(__file__).resolve().parent.parent / "Resources" / "Models"
 DEFAULT_MODEL = "FemurPhantom3dSmall-v1"
 MAX_ZIP_BYTES = 4 * 1024**3
-DATASET_FOLDER = re.compile(r"^Dataset\d{3}_[A-Za-z0-9_\-]+$")
-TRAINED_FOLDER = re.compile(r"^[A-Za-z0-9_\-]+__[A-Za-z0-9_\-]+__[A-Za-z0-9_\-]+$")
 
 
 @dataclass(frozen=True)
@@ -66,7 +65,7 @@ def _find_trained_folder(root: Path) -> Path:
     if len(candidates) == 1:
         trained = candidates[0]
         dataset_folder = trained.parent.name
-        if trained.parent != root and not DATASET_FOLDER.match(dataset_folder):
+        if trained.parent != root and not DATASET_FOLDER.fullmatch(dataset_folder):
             raise FemurSegError(
                 f"Model folder '{trained}' is not inside a 'DatasetXXX_Name' folder (found '{dataset_folder}'). "
                 "When unzipping an nnU-Net model keep its top-level DatasetXXX_ folder."
@@ -94,14 +93,15 @@ def _read_json(path: Path, what: str) -> dict:
 
 
 def _femur_label(dataset_json: dict, path: Path) -> tuple[int, str]:
-    labels = {name: value for name, value in dataset_json.get("labels", {}).items() if name != "background"}
-    if len(labels) != 1 or not all(isinstance(v, int) for v in labels.values()):
+    """The model's single non-background label (the same rule the dataset exporter applies)."""
+    found = femur_label(dataset_json.get("labels"))
+    if found is None:
         raise FemurSegError(
-            f"The model's dataset.json '{path}' must define background and exactly one femur label; "
-            f"it defines {sorted(labels) or 'none'}."
+            f"The model's dataset.json '{path}' must define background 0 and exactly one femur label; "
+            f"it defines {sorted(dataset_json.get('labels', {})) or 'none'}."
         )
-    name, value = next(iter(labels.items()))
-    return int(value), name
+    name, value = found
+    return value, name
 
 
 def validate_model_folder(root: Path, name: str | None = None, bundled: bool = False) -> ModelInfo:

@@ -340,7 +340,7 @@ def dataset_femur_value(dataset_dir: str | os.PathLike) -> int:
         labels = json.loads(path.read_bytes()).get("labels")
     except (OSError, ValueError, AttributeError):
         return 1
-    femur = dataset._femur_label(labels)
+    femur = dataset.femur_label(labels)
     return femur[1] if femur else 1
 
 
