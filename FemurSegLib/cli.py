@@ -139,7 +139,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
     train_main([str(args.work_dir), "--cases", str(args.cases), "--epochs", str(args.epochs),
                 "--iterations", str(args.iterations), "--fine-tune-epochs", str(args.fine_tune_epochs),
-                "--model-dir", str(args.model_dir)])
+                "--polish-epochs", str(args.polish_epochs), "--model-dir", str(args.model_dir)])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("work_dir"), p.add_argument("--cases", type=int, default=40)
     p.add_argument("--epochs", type=int, default=36), p.add_argument("--iterations", type=int, default=50)
     p.add_argument("--fine-tune-epochs", type=int, default=8)
+    p.add_argument("--polish-epochs", type=int, default=6)
     p.add_argument("--model-dir", default="Resources/Models/FemurPhantom3dSmall-v1")
     p.set_defaults(func=_cmd_train)
     return parser

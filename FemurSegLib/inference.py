@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import sys
 import threading
 import warnings
 from dataclasses import dataclass
@@ -121,6 +122,10 @@ class Segmenter:
         self.device = resolve_device(options.device, notify)
         if self.device.type == "cpu":
             torch.set_num_threads(os.cpu_count() or 1)
+        if not torch.cuda.is_available() and "triton" not in sys.modules:
+            # nnU-Net's predictor imports torch._dynamo, which loads the Triton GPU compiler if installed (torch's
+            # CUDA wheels pull it in): ~75 MB of resident memory that a machine without a GPU never uses.
+            sys.modules["triton"] = None  # type: ignore[assignment]  # makes `import triton` fail cleanly
         predictor_class = _make_predictor_class()
         with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net prints a CUDA-only notice on every CPU start
             self.predictor = predictor_class(
