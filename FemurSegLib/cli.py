@@ -138,8 +138,9 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from .training import main as train_main
 
     train_main([str(args.work_dir), "--cases", str(args.cases), "--epochs", str(args.epochs),
-                "--iterations", str(args.iterations), "--fine-tune-epochs", str(args.fine_tune_epochs),
-                "--polish-epochs", str(args.polish_epochs), "--model-dir", str(args.model_dir)])
+                "--iterations", str(args.iterations), "--extend-epochs", str(args.extend_epochs),
+                "--fine-tune-epochs", str(args.fine_tune_epochs),
+                "--model-dir", str(args.model_dir)])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,8 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-bundled", help="re-run the bundled model's training recipe (about 2 h on 2 CPU cores)")
     p.add_argument("work_dir"), p.add_argument("--cases", type=int, default=40)
     p.add_argument("--epochs", type=int, default=36), p.add_argument("--iterations", type=int, default=50)
-    p.add_argument("--fine-tune-epochs", type=int, default=8)
-    p.add_argument("--polish-epochs", type=int, default=6)
+    p.add_argument("--extend-epochs", type=int, default=76)
+    p.add_argument("--fine-tune-epochs", type=int, default=4)
     p.add_argument("--model-dir", default="Resources/Models/FemurPhantom3dSmall-v1")
     p.set_defaults(func=_cmd_train)
     return parser
