@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from .errors import FemurSegError
+from .models import DEFAULT_MODEL
 
 
 def _cmd_phantom(args: argparse.Namespace) -> None:
@@ -83,7 +84,8 @@ def _cmd_segment(args: argparse.Namespace) -> None:
     model = resolve_model(args.model)
     notify = (lambda message: print(json.dumps({"message": message}), flush=True)) if args.progress_json \
         else (lambda message: print(message, file=sys.stderr))
-    options = InferenceOptions(device=args.device, fast=args.fast, whole_volume_tile=not args.stock_tiling)
+    options = InferenceOptions(device=args.device, fast=args.fast, tile_step_size=args.tile_step,
+                               whole_volume_tile=args.whole_volume)
     segmenter = Segmenter(model.root, options, notify=notify)
     label = segmenter.segment(ct, progress=_progress_printer(args.progress_json))
     write_image(label, args.out_label)
@@ -170,7 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
                    help="skip test-time mirroring (default on; --no-fast mirrors 8x slower)")
-    p.add_argument("--stock-tiling", action="store_true", help="nnU-Net's sliding window instead of one tile")
+    p.add_argument("--tile-step", type=float, default=1.0,
+                   help="nnU-Net's sliding-window step as a fraction of the patch (default 1.0: fewest tiles; "
+                        "nnU-Net's own default 0.5 is ~1.5x slower and slightly more accurate)")
+    p.add_argument("--whole-volume", action="store_true",
+                   help="one tile over the whole volume (only for models trained on near-whole-volume patches)")
     p.add_argument("--progress-json", action="store_true", help="progress as JSON lines on stdout (for GUIs)")
     p.set_defaults(func=_cmd_segment)
 
@@ -200,8 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("work_dir"), p.add_argument("--cases", type=int, default=40)
     p.add_argument("--epochs", type=int, default=36), p.add_argument("--iterations", type=int, default=50)
     p.add_argument("--extend-epochs", type=int, default=76)
-    p.add_argument("--fine-tune-epochs", type=int, default=4)
-    p.add_argument("--model-dir", default="Resources/Models/FemurPhantom3dSmall-v1")
+    p.add_argument("--fine-tune-epochs", type=int, default=0)
+    p.add_argument("--model-dir", default=f"Resources/Models/{DEFAULT_MODEL}")
     p.set_defaults(func=_cmd_train)
     return parser
 

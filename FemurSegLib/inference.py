@@ -3,10 +3,15 @@
 The work is nnU-Net's own: ``nnUNetPredictor.predict_single_npy_array`` preprocesses, predicts and resamples
 back. FemurSeg adds three things around it:
 
-- **Whole-volume tile** (default): the patch size is raised to the preprocessed volume's shape (rounded up to
-  what the network's pooling needs), so one forward pass replaces nnU-Net's overlapping sliding window. With
-  ``fast`` (no test-time mirroring) this is the speed-up ``benchmarks/`` measures against stock defaults.
-  ``whole_volume_tile=False`` keeps stock tiling with ``tile_step_size``.
+- **Fewest tiles** (default): nnU-Net's own sliding window with ``tile_step_size=1.0``, i.e. the fewest
+  trained-size patches that cover the volume (they still overlap where the volume is not a multiple of the patch,
+  blended with nnU-Net's Gaussian). With ``fast`` (no test-time mirroring) this is the speed-up ``benchmarks/``
+  measures against stock defaults (mirroring, step 0.5). On the bundled model, held-out phantoms seeds 1-4:
+  step 1.0 Dice 0.9838 in 1.96 s, step 0.5 0.9849 in 3.08 s (2026-11-23).
+- **Whole-volume tile** (``whole_volume_tile=True``): the patch size is raised to the preprocessed volume's shape
+  (rounded up to what the network's pooling needs), so one forward pass does it all (1.2 s). Only for models
+  trained on near-whole-volume patches: instance normalisation then sees another field of view, and the bundled
+  model lost 0.8 Dice points that way (0.9760); fine-tuning it on 96 x 96 x 160 patches won back only part.
 - **Progress and cancel**: a forward pre-hook on every network stage reports progress and raises
   :class:`InferenceCancelled` as soon as the cancel event is set, so cancel returns within one stage, not
   one volume.
@@ -47,8 +52,8 @@ class InferenceOptions:
     device: str = "auto"
     fast: bool = True
     folds: tuple[str, ...] | None = None
-    tile_step_size: float = 0.5
-    whole_volume_tile: bool = True
+    tile_step_size: float = 1.0
+    whole_volume_tile: bool = False
     keep_largest_component: bool = True
 
 

@@ -2,21 +2,20 @@
 
 Why this configuration (DESIGN.md §4; measured on the 2-core CPU): the default 3d_fullres plan costs ~50 s per
 iteration, far beyond a two-hour budget. The bundled model keeps nnU-Net's 1 mm target spacing (accuracy at
-1 mm is the goal) but uses a narrow U-Net (8 -> 128 features), trained in two stages:
+1 mm is the goal) but uses a narrow U-Net (8 -> 128 features) on 64 x 64 x 96 patches: 36 x 50 iterations at
+learning rate 0.01 (~1-1.5 s per iteration), then continued to 76 epochs as nnU-Net continues a run (the poly
+learning rate restarts at 0.0055; the 36-epoch run was still improving: pseudo-Dice 0.98 -> 0.985 over its last
+five epochs). About 90 minutes with data and planning.
 
-1. ``3d_femurseg``: 64 x 64 x 96 patches, 36 x 50 iterations, learning rate 0.01 (~1-1.5 s per iteration),
-   then continued to 76 epochs as nnU-Net continues a run (poly learning rate restarts at 0.0055): the
-   36-epoch run was still improving (pseudo-Dice 0.98 -> 0.985 over its last five epochs);
-2. ``3d_femurseg_large``: the stage-1 weights fine-tuned on 96 x 96 x 160 patches (nearly the whole volume),
-   4 x 50 iterations, learning rate 0.003 (~5 s per iteration).
+FemurSeg's engine runs it with nnU-Net's sliding window at tile step 1.0 (the fewest patches), which keeps the
+field of view it was trained on. An optional stage 2 (``--fine-tune-epochs``, configuration
+``3d_femurseg_large``) fine-tunes on 96 x 96 x 160 patches for whole-volume inference (one tile, ~1.2 s); measured
+on held-out seeds 1-3 it stayed at Dice 0.981 after 4 epochs while the stage-1 weights tiled reach 0.984, so the
+bundled model skips it.
 
-Tried and dropped (2026-11-23): a third stage without nnU-Net's blur, low-resolution and gamma augmentations.
+Tried and dropped (2026-11-23): polishing without nnU-Net's blur, low-resolution and gamma augmentations.
 The model's errors are false positives within 1 mm outside the thin head/neck cortex; without those
 augmentations they grew (held-out Dice 0.9805 -> 0.9784 on seed 1, 0.9812 -> 0.9790 on seed 3).
-
-At inference FemurSeg predicts the whole volume as one tile (the network is fully convolutional), which removes
-the sliding-window overlap cost; stage 2 makes the network's instance normalisation see that field of view in
-training too. ``benchmarks/`` compares FemurSeg with stock nnU-Net tiling on the same weights.
 
 The checkpoint is trained by the plain ``nnUNetTrainer`` class (only the epoch and iteration counts are set on
 the instance), so any nnU-Net v2 installation can load it. Training seeds start at ``TRAIN_SEED_START``;
@@ -35,7 +34,7 @@ DATASET_ID = 500
 DATASET_NAME = f"Dataset{DATASET_ID}_FemurPhantom"
 CONFIGURATION = "3d_femurseg"
 MODEL_NAME = "FemurPhantom3dSmall"
-MODEL_VERSION = "1"
+MODEL_VERSION = "2"
 
 ARCHITECTURE = {
     "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
@@ -59,13 +58,12 @@ ARCHITECTURE = {
 }
 PATCH_SIZE = [64, 64, 96]
 BATCH_SIZE = 2
-# Stage 2 fine-tunes the stage-1 weights on nearly whole-volume patches: instance normalisation then sees the
-# same field of view in training as in FemurSeg's one-tile inference (stage-1 weights alone lost 3 Dice points
-# when run on the whole volume: benchmarks/, 2026-11-23).
+# Optional stage 2 (off for the bundled model) fine-tunes the stage-1 weights on nearly whole-volume patches, so
+# that instance normalisation sees in training the field of view of whole-volume inference.
 FINE_TUNE_CONFIGURATION = "3d_femurseg_large"
 FINE_TUNE_PATCH_SIZE = [96, 96, 160]
 FINE_TUNE_LEARNING_RATE = 0.003
-BUNDLED_CONFIGURATION = FINE_TUNE_CONFIGURATION
+BUNDLED_CONFIGURATION = CONFIGURATION
 
 
 def _set_nnunet_paths(work_dir: Path) -> None:
@@ -170,7 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--iterations", type=int, default=50)
     parser.add_argument("--extend-epochs", type=int, default=76,
                         help="after --epochs, continue stage 1 to this many epochs (nnU-Net's continue-training)")
-    parser.add_argument("--fine-tune-epochs", type=int, default=4)
+    parser.add_argument("--fine-tune-epochs", type=int, default=0,
+                        help="optional stage 2 for whole-volume inference (0: skip, as the bundled model does)")
     parser.add_argument("--stage", choices=["data", "plan", "train", "finetune", "bundle", "all"], default="all")
     parser.add_argument("--model-dir", type=Path, help="where to bundle the trained model (default: print only)")
     args = parser.parse_args(argv)
@@ -188,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.extend_epochs > args.epochs:
             output = train(work_dir, args.extend_epochs, args.iterations)
         print(f"trained into {output} after {time.time() - started:.0f} s", flush=True)
-    if args.stage in ("finetune", "all"):
+    if args.stage in ("finetune", "all") and args.fine_tune_epochs > 0:
         stage_one = _trained_folder(work_dir, CONFIGURATION) / "fold_all" / "checkpoint_final.pth"
         output = train(work_dir, args.fine_tune_epochs, args.iterations, FINE_TUNE_CONFIGURATION,
                        FINE_TUNE_LEARNING_RATE, start_from=stage_one)
@@ -263,7 +262,8 @@ def write_model_card(model_dir: Path, training: dict, held_out: dict | None) -> 
                          f"{TRAIN_SEED_START + int(training.get('cases', 0)) - 1} (FemurSegLib.phantom)",
         "held_out_data": "phantom seeds 1-999 are never used for training",
         "recipe": f"femurseg train-bundled WORK_DIR --cases {training.get('cases')} --epochs {training.get('epochs')} "
-                  f"--iterations {training.get('iterations')} --extend-epochs {training.get('extend_epochs')} --fine-tune-epochs {training.get('fine_tune_epochs')}",
+                  f"--iterations {training.get('iterations')} --extend-epochs {training.get('extend_epochs')} "
+                  f"--fine-tune-epochs {training.get('fine_tune_epochs')}",
         "training": training,
         "held_out_metrics": held_out,
         "limitations": "Trained on synthetic phantoms only; not validated on real CT. Correct its output before "

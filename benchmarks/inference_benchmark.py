@@ -3,8 +3,9 @@
 Each engine runs in its own child process (so peak RSS and cold start are its own) over the same held-out
 phantoms (seeds 1..N; training used seeds >= 1000). Stock = ``nnUNetPredictor()`` defaults: test-time mirroring
 on, tile step 0.5, Gaussian weighting, the trained patch size. FemurSeg = ``inference.Segmenter`` defaults: no
-mirroring, one whole-volume tile, largest component. The parent scores both against the exact labels, scores
-fill and a plain threshold, and prints a table plus the speed ratio.
+mirroring, one whole-volume tile, largest component; "femurseg-mirrored" adds test-time mirroring. The parent
+scores every engine against the exact labels, scores fill and a plain threshold, and prints a table plus the speed
+ratio.
 
     python benchmarks/inference_benchmark.py [--cases 10] [--json OUT]
 """
@@ -22,6 +23,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# "femurseg-mirrored" is FemurSeg's engine with test-time mirroring (the GUI's "fast" box unticked).
+ENGINES = ("femurseg", "femurseg-mirrored", "stock")
 sys.path.insert(0, str(REPO))
 
 
@@ -38,8 +41,9 @@ def worker(engine: str, seeds: list[int], out_dir: Path) -> dict:
     from FemurSegLib.models import resolve_model
 
     model = resolve_model(None)
-    if engine == "femurseg":
-        segmenter = Segmenter(model.root, InferenceOptions(device="cpu"), notify=lambda message: None)
+    if engine.startswith("femurseg"):
+        options = InferenceOptions(device="cpu", fast=engine != "femurseg-mirrored")
+        segmenter = Segmenter(model.root, options, notify=lambda message: None)
 
         def predict(ct):
             return segmenter.segment(ct)
@@ -97,7 +101,7 @@ def main() -> None:
     import numpy as np
     import SimpleITK as sitk
 
-    from FemurSegLib.fill import FillParameters, compute_fill, threshold_mask
+    from FemurSegLib.fill import FillParameters, compute_fill, largest_component, threshold_mask
     from FemurSegLib.metrics import compare_images
     from FemurSegLib.phantom import generate_phantom
 
@@ -106,31 +110,42 @@ def main() -> None:
         out_dir = Path(temporary)
         for seed in seeds:
             sitk.WriteImage(generate_phantom(seed)[0], str(out_dir / f"ct_{seed}.nrrd"))
-        runs = {engine: run_engine(engine, seeds, out_dir) for engine in ("femurseg", "stock")}
-        scores: dict[str, list] = {"femurseg": [], "stock": [], "fill": [], "threshold": [], "agreement": []}
+        runs = {engine: run_engine(engine, seeds, out_dir) for engine in ENGINES}
+        scores: dict[str, list] = {name: [] for name in (*ENGINES, "fill", "threshold", "agreement",
+                                                         "agreement-mirrored", "agreement-lcc")}
         for seed in seeds:
             ct, truth, _ = generate_phantom(seed)
-            predictions = {e: sitk.ReadImage(str(out_dir / f"{e}_{seed}.nrrd")) for e in ("femurseg", "stock")}
+            predictions = {e: sitk.ReadImage(str(out_dir / f"{e}_{seed}.nrrd")) for e in ENGINES}
             predictions["fill"] = compute_fill(ct, FillParameters())
             predictions["threshold"] = threshold_mask(ct, FillParameters().threshold_hu)
             for name, label in predictions.items():
                 scores[name].append(compare_images(truth, label))
             scores["agreement"].append(compare_images(predictions["stock"], predictions["femurseg"]).dice)
+            scores["agreement-mirrored"].append(
+                compare_images(predictions["stock"], predictions["femurseg-mirrored"]).dice)
+            # Stock nnU-Net keeps stray islands; with FemurSeg's largest-component step applied to it too, what is
+            # left of the disagreement is the inference itself (tiles, mirroring).
+            stock_lcc = sitk.GetImageFromArray(largest_component(sitk.GetArrayFromImage(predictions["stock"]) != 0)
+                                               .astype(np.uint8))
+            stock_lcc.CopyInformation(predictions["stock"])
+            scores["agreement-lcc"].append(compare_images(stock_lcc, predictions["femurseg"]).dice)
 
     def mean(name: str, key: str) -> float:
         return float(np.mean([getattr(a, key) for a in scores[name]]))
 
     print(f"held-out phantoms: seeds {seeds[0]}-{seeds[-1]} ({len(seeds)} cases), CPU threads {os.cpu_count()}")
     print(f"{'method':26s}{'Dice':>9s}{'min Dice':>10s}{'sens':>8s}{'spec':>8s}{'ASD mm':>9s}{'HD95 mm':>9s}")
-    for name in ("femurseg", "stock", "fill", "threshold"):
+    for name in (*ENGINES, "fill", "threshold"):
         dices = [a.dice for a in scores[name]]
         print(f"{name:26s}{np.mean(dices):9.4f}{np.min(dices):10.4f}{mean(name, 'sensitivity'):8.4f}"
               f"{mean(name, 'specificity'):8.4f}{mean(name, 'asd_mm'):9.4f}{mean(name, 'hd95_mm'):9.3f}")
     wins = int(sum(f.dice > max(t.dice, g.dice) for f, t, g in zip(scores["femurseg"], scores["fill"], scores["threshold"])))
     print(f"FemurSeg beats fill and threshold on {wins}/{len(seeds)} cases (Dice)")
-    print(f"Dice agreement FemurSeg vs stock: mean {np.mean(scores['agreement']):.4f}, min {np.min(scores['agreement']):.4f}")
+    for key, label in (("agreement", "FemurSeg vs stock"), ("agreement-mirrored", "FemurSeg mirrored vs stock"),
+                       ("agreement-lcc", "FemurSeg vs stock + largest component")):
+        print(f"Dice agreement {label}: mean {np.mean(scores[key]):.4f}, min {np.min(scores[key]):.4f}")
     print(f"{'engine':26s}{'load s':>9s}{'cold 1st s':>12s}{'warm s/vol':>12s}{'peak RSS GiB':>14s}")
-    for engine in ("femurseg", "stock"):
+    for engine in ENGINES:
         run = runs[engine]
         warm = float(np.median(run["times_s"][1:] or run["times_s"]))
         run["warm_median_s"] = warm
@@ -140,8 +155,10 @@ def main() -> None:
     if args.json:
         summary = {"seeds": seeds, "runs": runs, "speedup_warm": ratio,
                    "mean": {n: {k: mean(n, k) for k in ("dice", "sensitivity", "specificity", "asd_mm", "hd95_mm")}
-                            for n in ("femurseg", "stock", "fill", "threshold")},
-                   "agreement_dice_mean": float(np.mean(scores["agreement"])), "wins": wins}
+                            for n in (*ENGINES, "fill", "threshold")},
+                   "agreement_dice_mean": float(np.mean(scores["agreement"])),
+                   "agreement_mirrored_dice_mean": float(np.mean(scores["agreement-mirrored"])),
+                   "agreement_vs_stock_lcc_dice_mean": float(np.mean(scores["agreement-lcc"])), "wins": wins}
         args.json.write_text(json.dumps(summary, indent=2))
     if args.card:
         from FemurSegLib.models import resolve_model

@@ -57,25 +57,36 @@ def test_progress_rises_from_zero_to_one(sample_result):
     assert len(events) > 5, "progress moves during prediction, not only at the ends"
 
 
-def test_stock_tiling_equals_nnunets_own_predictor(model, sample):
-    """With whole_volume_tile off, the engine is exactly nnU-Net's predictor plus the largest component."""
+def _stock_prediction(model, ct: sitk.Image, tile_step_size: float, patch_size: list[int] | None = None):
+    """nnU-Net's own predictor, no mirroring, plus the largest component (what FemurSeg's engine must equal)."""
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    ct, _ = sample
-    ours = Segmenter(model.root, InferenceOptions(device="cpu", whole_volume_tile=False), notify=lambda m: None)
-    predictor = nnUNetPredictor(use_mirroring=False, device=torch.device("cpu"), allow_tqdm=False)
+    predictor = nnUNetPredictor(tile_step_size=tile_step_size, use_mirroring=False, device=torch.device("cpu"),
+                                allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(str(model.trained_folder), use_folds=model.folds)
+    if patch_size is not None:
+        predictor.configuration_manager.configuration["patch_size"] = patch_size
     array = sitk.GetArrayFromImage(ct).astype(np.float32)[None]
     stock = predictor.predict_single_npy_array(array, {"spacing": list(reversed(ct.GetSpacing()))})
-    expected = largest_component(np.asarray(stock) == model.femur_label)
-    assert np.array_equal(sitk.GetArrayFromImage(ours.segment(ct)) != 0, expected)
+    return largest_component(np.asarray(stock) == model.femur_label)
 
 
-def test_whole_volume_tile_agrees_with_stock_tiling(model, sample, sample_result):
+def test_default_engine_equals_nnunets_own_predictor(model, sample, sample_result):
+    """The default (fewest tiles, no mirroring) is exactly nnU-Net's predictor at step 1.0 plus the largest component."""
     ct, _ = sample
-    tiled = Segmenter(model.root, InferenceOptions(device="cpu", whole_volume_tile=False), notify=lambda m: None)
-    assert compare_images(tiled.segment(ct), sample_result[0]).dice > 0.99
+    expected = _stock_prediction(model, ct, tile_step_size=1.0)
+    assert np.array_equal(sitk.GetArrayFromImage(sample_result[0]) != 0, expected)
+
+
+def test_whole_volume_tile_is_one_nnunet_patch_over_the_padded_volume(model, sample):
+    """Whole-volume mode = nnU-Net's predictor with the patch raised to the volume rounded up to 16 (the network's
+    total stride), so the sliding window makes a single step."""
+    ct, _ = sample
+    whole = Segmenter(model.root, InferenceOptions(device="cpu", whole_volume_tile=True), notify=lambda m: None)
+    padded = [int(np.ceil(n / 16) * 16) for n in sitk.GetArrayViewFromImage(ct).shape]
+    expected = _stock_prediction(model, ct, tile_step_size=0.5, patch_size=padded)
+    assert np.array_equal(sitk.GetArrayFromImage(whole.segment(ct)) != 0, expected)
 
 
 def test_any_orientation_gives_the_same_voxels(segmenter, sample, sample_result):
