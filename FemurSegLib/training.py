@@ -101,6 +101,8 @@ def plan_and_preprocess(work_dir: Path) -> None:
 
 def add_recipe_configurations(work_dir: Path) -> None:
     """Write the recipe's two configurations into nnU-Net's plans; both use stage 1's preprocessed data."""
+    from .imageio import write_bytes_atomic
+
     plans_path = work_dir / "preprocessed" / DATASET_NAME / "nnUNetPlans.json"
     plans = json.loads(plans_path.read_text())
     plans["configurations"][CONFIGURATION] = {
@@ -113,7 +115,7 @@ def add_recipe_configurations(work_dir: Path) -> None:
         "inherits_from": CONFIGURATION,
         "patch_size": FINE_TUNE_PATCH_SIZE,
     }
-    plans_path.write_text(json.dumps(plans, indent=2))
+    write_bytes_atomic(plans_path, json.dumps(plans, indent=2).encode())
 
 
 def _trained_folder(work_dir: Path, configuration: str) -> Path:

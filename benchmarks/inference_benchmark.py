@@ -3,7 +3,7 @@
 Each engine runs in its own child process (so peak RSS and cold start are its own) over the same held-out
 phantoms (seeds 1..N; training used seeds >= 1000). Stock = ``nnUNetPredictor()`` defaults: test-time mirroring
 on, tile step 0.5, Gaussian weighting, the trained patch size. FemurSeg = ``inference.Segmenter`` defaults: no
-mirroring, one whole-volume tile, largest component; "femurseg-mirrored" adds test-time mirroring. The parent
+mirroring, nnU-Net's sliding window at tile step 1.0, largest component; "femurseg-mirrored" adds test-time mirroring. The parent
 scores every engine against the exact labels, scores fill and a plain threshold, and prints a table plus the speed
 ratio.
 

@@ -89,6 +89,12 @@ def test_whole_volume_tile_is_one_nnunet_patch_over_the_padded_volume(model, sam
     assert np.array_equal(sitk.GetArrayFromImage(whole.segment(ct)) != 0, expected)
 
 
+@pytest.mark.parametrize("step", [0.0, -0.5, 1.5])
+def test_tile_step_outside_zero_to_one_is_refused_before_loading(model, step):
+    with pytest.raises(FemurSegError, match=r"Tile step .* out of range.*\(0, 1\]"):
+        Segmenter(model.root, InferenceOptions(device="cpu", tile_step_size=step), notify=lambda m: None)
+
+
 def test_any_orientation_gives_the_same_voxels(segmenter, sample, sample_result):
     ct, _ = sample
     flipped = sitk.DICOMOrient(ct, "RAI")  # x and y axes reversed: same anatomy, another voxel order
