@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from .errors import FemurSegError
-from .models import DEFAULT_MODEL
+from .training import add_recipe_arguments
 
 
 def _cmd_phantom(args: argparse.Namespace) -> None:
@@ -137,12 +137,9 @@ def _cmd_web(args: argparse.Namespace) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    from .training import main as train_main
+    from .training import run_recipe
 
-    train_main([str(args.work_dir), "--cases", str(args.cases), "--epochs", str(args.epochs),
-                "--iterations", str(args.iterations), "--extend-epochs", str(args.extend_epochs),
-                "--fine-tune-epochs", str(args.fine_tune_epochs),
-                "--model-dir", str(args.model_dir)])
+    run_recipe(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,12 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--datasets-root", help="exports are confined to this folder (default ~/FemurSeg-datasets)")
     p.set_defaults(func=_cmd_web)
 
-    p = sub.add_parser("train-bundled", help="re-run the bundled model's training recipe (about 2 h on 2 CPU cores)")
-    p.add_argument("work_dir"), p.add_argument("--cases", type=int, default=40)
-    p.add_argument("--epochs", type=int, default=36), p.add_argument("--iterations", type=int, default=50)
-    p.add_argument("--extend-epochs", type=int, default=76)
-    p.add_argument("--fine-tune-epochs", type=int, default=0)
-    p.add_argument("--model-dir", default=f"Resources/Models/{DEFAULT_MODEL}")
+    p = sub.add_parser("train-bundled", help="re-run the bundled model's training recipe (about 2.5 h on 2 CPU cores)")
+    add_recipe_arguments(p)
     p.set_defaults(func=_cmd_train)
     return parser
 

@@ -25,7 +25,7 @@ from .dataset import DATASET_FOLDER, femur_label
 from .errors import FemurSegError
 
 BUNDLED_MODELS_DIR = Path(__file__).resolve().parent.parent / "Resources" / "Models"
-DEFAULT_MODEL = "FemurPhantom3dSmall-v2"
+DEFAULT_MODEL = "FemurPhantom3dSmall-v3"
 MAX_ZIP_BYTES = 4 * 1024**3
 
 

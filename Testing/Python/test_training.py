@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -49,3 +51,35 @@ def test_recipe_configurations_resolve_in_nnunet(work_dir: Path) -> None:
     assert large.network_arch_init_kwargs == first.network_arch_init_kwargs
     assert large.data_identifier == first.data_identifier
     assert large.spacing == first.spacing == [1.0, 1.0, 1.0]
+
+
+def test_grow_dataset_adds_cases_with_the_same_plans(work_dir: Path) -> None:
+    """Growing the dataset preprocesses new phantoms with the plans the network was trained with."""
+    import numpy as np
+    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    training.add_recipe_configurations(work_dir)
+    plans_before = _plans(work_dir)
+    raw = work_dir / "raw" / training.DATASET_NAME
+    # In a child process, as the recipe runs: nnunetv2.paths reads the nnU-Net folders once, at import.
+    script = ("import sys; from pathlib import Path; from FemurSegLib import training as t; w = Path(sys.argv[1]); "
+              "t.set_nnunet_paths(w); t.write_phantom_dataset(w / 'raw' / t.DATASET_NAME, 1); t.grow_dataset(w, 2)")
+    subprocess.run([sys.executable, "-c", script, str(work_dir)], check=True, capture_output=True)
+
+    assert _plans(work_dir) == plans_before
+    preprocessed = work_dir / "preprocessed" / training.DATASET_NAME
+    assert json.loads((preprocessed / "dataset.json").read_text())["numTraining"] == 2
+    manager = PlansManager(plans_before)
+    configuration = manager.get_configuration(training.CONFIGURATION)
+    dataset_json = json.loads((raw / "dataset.json").read_text())
+    for seed in (training.TRAIN_SEED_START, training.TRAIN_SEED_START + 1):
+        case = f"phantom{seed}"
+        expected, _, _ = DefaultPreprocessor(verbose=False).run_case(
+            [str(raw / "imagesTr" / f"{case}_0000.nii.gz")], str(raw / "labelsTr" / f"{case}.nii.gz"),
+            manager, configuration, dataset_json)
+        from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+        folder = preprocessed / configuration.data_identifier
+        stored, _, _, _ = infer_dataset_class(str(folder))(str(folder), [case]).load_case(case)
+        np.testing.assert_allclose(np.asarray(stored), expected, rtol=1e-5, atol=1e-5)
