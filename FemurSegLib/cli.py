@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--datasets-root", help="exports are confined to this folder (default ~/FemurSeg-datasets)")
     p.set_defaults(func=_cmd_web)
 
-    p = sub.add_parser("train-bundled", help="re-run the bundled model's training recipe (about 2.5 h on 2 CPU cores)")
+    p = sub.add_parser("train-bundled", help="re-run the bundled model's training recipe (about 2 h 45 min on 2 CPU cores)")
     add_recipe_arguments(p)
     p.set_defaults(func=_cmd_train)
     return parser
