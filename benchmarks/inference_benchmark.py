@@ -156,6 +156,7 @@ def main() -> None:
         summary = {"seeds": seeds, "runs": runs, "speedup_warm": ratio,
                    "mean": {n: {k: mean(n, k) for k in ("dice", "sensitivity", "specificity", "asd_mm", "hd95_mm")}
                             for n in (*ENGINES, "fill", "threshold")},
+                   "min_dice": {n: float(np.min([a.dice for a in scores[n]])) for n in (*ENGINES, "fill", "threshold")},
                    "agreement_dice_mean": float(np.mean(scores["agreement"])),
                    "agreement_mirrored_dice_mean": float(np.mean(scores["agreement-mirrored"])),
                    "agreement_vs_stock_lcc_dice_mean": float(np.mean(scores["agreement-lcc"])), "wins": wins}
