@@ -73,7 +73,6 @@ BATCH_SIZE = 2
 FINE_TUNE_CONFIGURATION = "3d_femurseg_large"
 FINE_TUNE_PATCH_SIZE = [96, 96, 160]
 FINE_TUNE_LEARNING_RATE = 0.003
-BUNDLED_CONFIGURATION = CONFIGURATION
 
 
 def set_nnunet_paths(work_dir: Path) -> None:
@@ -212,6 +211,16 @@ def add_recipe_arguments(parser) -> None:
 
 def run_recipe(args) -> None:
     """Run the recipe's stages named by ``args.stage`` (see ``add_recipe_arguments``)."""
+    from .errors import FemurSegError
+
+    schedule = [args.epochs, args.extend_epochs, *args.grow_epochs]
+    if any(later <= earlier for earlier, later in zip(schedule, schedule[1:])):
+        raise FemurSegError(f"Epoch counts must increase: --epochs {args.epochs}, --extend-epochs "
+                            f"{args.extend_epochs}, --grow-epochs {' '.join(map(str, args.grow_epochs))}; each "
+                            "continues the run to that many epochs in all, e.g. 36, 76, 150 170.")
+    if args.grow_epochs and args.grow_cases < args.cases:
+        raise FemurSegError(f"--grow-cases {args.grow_cases} is fewer than --cases {args.cases}; give the total "
+                            "number of phantoms after growing, e.g. 200.")
     work_dir = args.work_dir.resolve()
     set_nnunet_paths(work_dir)
     started = time.time()
@@ -291,7 +300,7 @@ def bundle_model(work_dir: Path, model_dir: Path, checkpoint_name: str = "checkp
     """Copy plans/dataset JSON and a stripped checkpoint into ``model_dir`` in nnU-Net's results layout."""
     import shutil
 
-    trained = _trained_folder(work_dir, BUNDLED_CONFIGURATION)
+    trained = _trained_folder(work_dir, CONFIGURATION)
     target = model_dir / DATASET_NAME / trained.name
     shutil.rmtree(model_dir / DATASET_NAME, ignore_errors=True)  # one model per folder: drop older configurations
     (target / "fold_all").mkdir(parents=True, exist_ok=True)
@@ -306,8 +315,7 @@ def write_model_card(model_dir: Path, training: dict, held_out: dict | None) -> 
     from .imageio import write_bytes_atomic
 
     all_cases = max(int(training.get("cases", 0)), int(training.get("grow_cases") or 0))
-    grow = training.get("grow_epochs") or []
-    grow_epochs = " ".join(str(epochs) for epochs in (grow if isinstance(grow, list) else [grow]))
+    grow_epochs = " ".join(str(epochs) for epochs in training.get("grow_epochs") or [])
     card = {
         "name": MODEL_NAME,
         "version": MODEL_VERSION,

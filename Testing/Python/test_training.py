@@ -83,3 +83,18 @@ def test_grow_dataset_adds_cases_with_the_same_plans(work_dir: Path) -> None:
         folder = preprocessed / configuration.data_identifier
         stored, _, _, _ = infer_dataset_class(str(folder))(str(folder), [case]).load_case(case)
         np.testing.assert_allclose(np.asarray(stored), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arguments, problem", [
+    (["--grow-epochs", "150", "120"], "Epoch counts must increase"),
+    (["--extend-epochs", "30"], "Epoch counts must increase"),
+    (["--grow-cases", "20"], "--grow-cases 20 is fewer than --cases 40"),
+])
+def test_recipe_refuses_a_schedule_it_cannot_run_before_touching_the_work_dir(tmp_path: Path, capsys, arguments,
+                                                                              problem) -> None:
+    from FemurSegLib.cli import main
+
+    work_dir = tmp_path / "work"
+    assert main(["train-bundled", str(work_dir), *arguments]) == 2
+    assert problem in capsys.readouterr().err
+    assert not work_dir.exists()
