@@ -16,14 +16,15 @@ from .training import add_recipe_arguments
 
 
 def _cmd_phantom(args: argparse.Namespace) -> None:
+    from .families import generate_case
     from .imageio import write_image
-    from .phantom import generate_phantom
 
-    ct, label, shape = generate_phantom(args.seed, args.side)
+    ct, label, info = generate_case(args.family, args.seed, held_out=args.held_out)
     write_image(ct, args.out_ct)
     write_image(label, args.out_label)
-    print(f"phantom seed {args.seed}: {shape.side} femur, size {list(ct.GetSize())}, "
-          f"neck-shaft angle {shape.neck_shaft_angle:.0f} deg -> {args.out_ct}, {args.out_label}")
+    spacing = " x ".join(f"{s:.2f}" for s in info.spacing)
+    print(f"{info.family} phantom seed {args.seed}: {' and '.join(info.sides)} femur ({', '.join(info.subjects)}), "
+          f"size {list(info.size)}, spacing {spacing} mm -> {args.out_ct}, {args.out_label}")
 
 
 def _fill_parameters(args: argparse.Namespace):
@@ -85,14 +86,19 @@ def _cmd_segment(args: argparse.Namespace) -> None:
     notify = (lambda message: print(json.dumps({"message": message}), flush=True)) if args.progress_json \
         else (lambda message: print(message, file=sys.stderr))
     options = InferenceOptions(device=args.device, fast=args.fast, tile_step_size=args.tile_step,
-                               whole_volume_tile=args.whole_volume)
+                               whole_volume_tile=args.whole_volume, side=args.side)
     segmenter = Segmenter(model.root, options, notify=notify)
-    label = segmenter.segment(ct, progress=_progress_printer(args.progress_json))
-    write_image(label, args.out_label)
+    result = segmenter.run(ct, progress=_progress_printer(args.progress_json))
+    write_image(result.label, args.out_label)
+    femurs = [{"side": f.side, "value": f.value, "volume_ml": round(f.volume_ml, 1)} for f in result.femurs]
     if args.progress_json:
+        print(json.dumps({"femurs": femurs, "warnings": list(result.warnings)}), flush=True)
         print(json.dumps({"done": str(args.out_label)}), flush=True)
-    else:
-        print(f"{model.name}: femur -> {args.out_label}")
+        return
+    for warning in result.warnings:
+        print(f"femurseg: warning: {warning}", file=sys.stderr)
+    found = ", ".join(f"{f['side']} = {f['value']} ({f['volume_ml']:.0f} ml)" for f in femurs) or "no femur"
+    print(f"{model.name}: {found} -> {args.out_label}")
 
 
 def _cmd_models(args: argparse.Namespace) -> None:
@@ -147,8 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("phantom", help="write a synthetic proximal femur CT and its exact label")
-    p.add_argument("out_ct"), p.add_argument("out_label")
-    p.add_argument("--seed", type=int, default=1), p.add_argument("--side", choices=["left", "right"])
+    p.add_argument("out_ct", help="where to write the CT (.nrrd, .nii.gz, .mha)")
+    p.add_argument("out_label", help="where to write its exact femur label")
+    p.add_argument("--family", choices=["legacy", "exvivo", "invivo"], default="legacy",
+                   help="legacy: SDF phantom (the sample's kind); exvivo: real femur shape, potted, any pose; "
+                        "invivo: clinical hip CT with both femurs and the pelvis")
+    p.add_argument("--seed", type=int, default=1, help="the same seed always gives the same case")
+    p.add_argument("--held-out", action="store_true",
+                   help="use held-out subjects' shapes (never used for training; for testing a model)")
     p.set_defaults(func=_cmd_phantom)
 
     p = sub.add_parser("fill", help="the classic threshold-and-morphology fill segmentation")
@@ -174,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "nnU-Net's own default 0.5 is ~1.5x slower and slightly more accurate)")
     p.add_argument("--whole-volume", action="store_true",
                    help="one tile over the whole volume (only for models trained on near-whole-volume patches)")
+    p.add_argument("--side", choices=["both", "left", "right"], default="both",
+                   help="which femur(s) to write: both (default; left = 1, right = 2, a single femur whose side "
+                        "cannot be told = 1) or one side only (written as 1)")
     p.add_argument("--progress-json", action="store_true", help="progress as JSON lines on stdout (for GUIs)")
     p.set_defaults(func=_cmd_segment)
 

@@ -1,22 +1,24 @@
-"""Run an nnU-Net v2 femur model on a CT, in process, with progress, cancellation and device fallback.
+"""Run an nnU-Net v2 femur model on a CT, in process: locate, segment each femur, check, with progress and cancel.
 
-The work is nnU-Net's own: ``nnUNetPredictor.predict_single_npy_array`` preprocesses, predicts and resamples
-back. FemurSeg adds three things around it:
+The network work is nnU-Net's own (``nnUNetPredictor.predict_single_npy_array``: preprocessing, sliding window,
+resampling back). FemurSeg adds, around it:
 
-- **Fewest tiles** (default): nnU-Net's own sliding window with ``tile_step_size=1.0``, i.e. the fewest
-  trained-size patches that cover the volume (they still overlap where the volume is not a multiple of the patch,
-  blended with nnU-Net's Gaussian). With ``fast`` (no test-time mirroring) this is the speed-up ``benchmarks/``
-  measures against stock defaults (mirroring, step 0.5). On the bundled model, held-out phantoms seeds 1-4:
-  step 1.0 Dice 0.9838 in 1.96 s, step 0.5 0.9849 in 3.08 s (2026-11-23).
-- **Whole-volume tile** (``whole_volume_tile=True``): the patch size is raised to the preprocessed volume's shape
-  (rounded up to what the network's pooling needs), so one forward pass does it all (1.2 s). Only for models
-  trained on near-whole-volume patches: instance normalisation then sees another field of view, and the bundled
-  model lost 0.8 Dice points that way (0.9760); fine-tuning it on 96 x 96 x 160 patches won back only part.
-- **Progress and cancel**: a forward pre-hook on every network stage reports progress and raises
-  :class:`InferenceCancelled` as soon as the cancel event is set, so cancel returns within one stage, not
-  one volume.
-- **Geometry**: the CT is reoriented to the model's axis order (identity direction), predicted, reoriented back
-  and given the input's exact geometry; the largest connected component is kept.
+- **Locate first** (models with a locator configuration, like bundled v4): the CT is resampled to the locator's
+  3 mm grid (SimpleITK, linear), the locator marks femur voxels, and each large connected piece is one femur.
+  The 1 mm network then runs only on a box around each femur (bounding box + ``ROI_MARGIN_MM``), resampled to
+  1 mm; its probabilities are resampled back to the CT's own voxels and thresholded. So an abdomen, an empty
+  margin or the other hip never reaches the fine network, and a clinical-size CT costs little more than a cropped
+  one. Models without a locator (nnU-Net folders from elsewhere) run on the whole volume as nnU-Net does.
+- **Both femurs, with sides**: up to two femurs; with two, the one towards the patient's left (LPS +x) is
+  left; a single femur's side comes from its head lying medial to its shaft (in-vivo frame), else it is
+  reported as "femur". Label values: ``LABEL_VALUES`` (left 1, right 2).
+- **Plausibility** (guard.py): the CT is checked before (does it look like HU?) and each femur after (volume,
+  pieces, share of the field of view); the words come back as ``SegmentationResult.warnings``, and "no femur
+  found" when there is none. Never a silent litre-sized "femur".
+- **Fewest tiles** (default): nnU-Net's sliding window at ``tile_step_size=1.0`` without mirroring.
+- **Progress and cancel**: a forward pre-hook on every convolution reports progress and raises
+  :class:`InferenceCancelled` as soon as the cancel event is set.
+- **Geometry**: the CT is reoriented to LPS for the networks; the label is returned on the input's exact grid.
 """
 
 from __future__ import annotations
@@ -27,20 +29,27 @@ import os
 import sys
 import threading
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 from .errors import FemurSegError
 from .fill import largest_component
+from .guard import check_ct, check_femur
 from .imageio import check_volume
 
 ProgressCallback = Callable[[float, str], None]
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
+SIDES = ("both", "left", "right")
+LABEL_VALUES = {"left": 1, "right": 2}  # a single femur whose side cannot be told is written as 1 ("femur")
+ROI_MARGIN_MM = 15.0
+MIN_FEMUR_ML = 15.0  # smaller located pieces are not femurs (a femoral head alone is ~25 ml)
+NO_FEMUR = "no femur found"
 
 
 class InferenceCancelled(Exception):
@@ -55,6 +64,26 @@ class InferenceOptions:
     tile_step_size: float = 1.0
     whole_volume_tile: bool = False
     keep_largest_component: bool = True
+    side: str = "both"
+
+
+@dataclass(frozen=True)
+class Femur:
+    """One segmented femur: its side ('left', 'right' or 'femur' when unknown), label value and checks."""
+
+    side: str
+    value: int
+    volume_ml: float
+    warnings: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SegmentationResult:
+    """The label (LABEL_VALUES per femur, on the input grid), the femurs found and every warning."""
+
+    label: sitk.Image
+    femurs: tuple[Femur, ...]
+    warnings: tuple[str, ...] = field(default_factory=tuple)
 
 
 def resolve_device(requested: str, notify: Callable[[str], None] = print) -> "torch.device":  # noqa: F821
@@ -112,8 +141,80 @@ def _make_predictor_class():
     return FemurSegPredictor
 
 
+class _Network:
+    """One nnU-Net configuration, loaded once, predicting femur probabilities of an array with progress hooks."""
+
+    def __init__(self, trained_folder: Path, folds: tuple[str, ...], checkpoint_name: str, femur_label: int,
+                 options: InferenceOptions, device) -> None:
+        import torch
+
+        predictor_class = _make_predictor_class()
+        with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net prints a CUDA-only notice on every CPU start
+            self.predictor = predictor_class(
+                tile_step_size=options.tile_step_size, use_mirroring=not options.fast,
+                perform_everything_on_device=device.type == "cuda", device=device, allow_tqdm=False)
+        self.predictor.whole_volume_tile = options.whole_volume_tile
+        self.options = options
+        self.femur_label = femur_label
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            self.predictor.initialize_from_trained_model_folder(str(trained_folder), use_folds=tuple(folds),
+                                                                checkpoint_name=checkpoint_name)
+        self.spacing = np.array(self.predictor.configuration_manager.spacing, dtype=float)  # (z, y, x)
+        self.conv_modules = [m for m in self.predictor.network.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
+        self.convs_per_pass = self._count_convolutions_per_pass()
+
+    def calls(self, shape_zyx: tuple[int, ...], spacing_zyx: np.ndarray) -> int:
+        """Convolution calls predicting an array of this shape and spacing will make (for progress)."""
+        from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
+
+        passes = (1 if self.options.fast or not self.predictor.allowed_mirroring_axes
+                  else 2 ** len(self.predictor.allowed_mirroring_axes))
+        tiles = 1
+        if not self.options.whole_volume_tile:
+            patch = self.predictor.configuration_manager.patch_size
+            resampled = np.round(np.array(shape_zyx) * spacing_zyx / self.spacing).astype(int)
+            padded = [max(int(s), p) for s, p in zip(resampled, patch)]
+            steps = compute_steps_for_sliding_window(padded, patch, self.options.tile_step_size)
+            tiles = int(np.prod([len(axis_steps) for axis_steps in steps]))
+        return max(1, passes * len(self.predictor.list_of_parameters) * self.convs_per_pass * tiles)
+
+    def probability(self, array_zyx: np.ndarray, spacing_zyx: np.ndarray, on_conv: Callable) -> np.ndarray:
+        """Femur probability (float32, same shape as ``array_zyx``) by nnU-Net's own pipeline."""
+        handles = [module.register_forward_pre_hook(on_conv) for module in self.conv_modules]
+        try:
+            _, probabilities = self.predictor.predict_single_npy_array(
+                array_zyx.astype(np.float32, copy=False)[None], {"spacing": [float(s) for s in spacing_zyx]},
+                save_or_return_probabilities=True)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return np.asarray(probabilities[self.femur_label], dtype=np.float32)
+
+    def _count_convolutions_per_pass(self) -> int:
+        """Convolutions one forward pass runs (unused deep-supervision heads are skipped by the network)."""
+        import torch
+
+        calls = [0]
+
+        def count(_module, _inputs):
+            calls[0] += 1
+
+        handles = [module.register_forward_pre_hook(count) for module in self.conv_modules]
+        divisor = _network_divisor(self.predictor.configuration_manager)
+        channels = len(self.predictor.dataset_json["channel_names"])
+        try:
+            self.predictor.network.eval()
+            with torch.inference_mode():
+                self.predictor.network(torch.zeros((1, channels, *[2 * int(d) for d in divisor])))
+        finally:
+            for handle in handles:
+                handle.remove()
+        return max(1, calls[0])
+
+
 class Segmenter:
-    """A loaded model, reusable for many CTs (load once: predictor start-up costs 1-2 s)."""
+    """A loaded model (locator + 1 mm network, or one network), reusable for many CTs."""
 
     def __init__(self, model_folder: str | os.PathLike, options: InferenceOptions = InferenceOptions(),
                  notify: Callable[[str], None] = print) -> None:
@@ -122,6 +223,8 @@ class Segmenter:
         if not 0 < options.tile_step_size <= 1:
             raise FemurSegError(f"Tile step {options.tile_step_size} is out of range: give a fraction of the patch "
                                 "in (0, 1], e.g. 1.0 (fewest tiles, the default) or 0.5 (nnU-Net's default).")
+        if options.side not in SIDES:
+            raise FemurSegError(f"Side '{options.side}' is not one of {', '.join(SIDES)}.")
         self.options = options
         self.model = validate_model_folder(Path(model_folder))
         os.environ.setdefault("nnUNet_n_proc_DA", "1")  # keeps nnunetv2 from shelling out to `hostname`
@@ -134,100 +237,181 @@ class Segmenter:
             # nnU-Net's predictor imports torch._dynamo, which loads the Triton GPU compiler if installed (torch's
             # CUDA wheels pull it in): ~75 MB of resident memory that a machine without a GPU never uses.
             sys.modules["triton"] = None  # type: ignore[assignment]  # makes `import triton` fail cleanly
-        predictor_class = _make_predictor_class()
-        with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net prints a CUDA-only notice on every CPU start
-            self.predictor = predictor_class(
-                tile_step_size=options.tile_step_size,
-                use_mirroring=not options.fast,
-                perform_everything_on_device=self.device.type == "cuda",
-                device=self.device,
-                allow_tqdm=False,
-            )
-        self.predictor.whole_volume_tile = options.whole_volume_tile
         folds = options.folds or self.model.folds
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            self.predictor.initialize_from_trained_model_folder(
-                str(self.model.trained_folder), use_folds=tuple(folds), checkpoint_name=self.model.checkpoint_name
-            )
-        # Every convolution checks for cancel: the longest wait is one convolution, not one network stage.
-        self._conv_modules = [m for m in self.predictor.network.modules()
-                              if isinstance(m, torch.nn.modules.conv._ConvNd)]
-        self._convs_per_pass = self._count_convolutions_per_pass()
+        self.network = _Network(self.model.trained_folder, folds, self.model.checkpoint_name,
+                                self.model.femur_label, options, self.device)
+        self.locator = None
+        if self.model.locator_folder is not None:
+            locator_options = InferenceOptions(device=options.device, fast=True, tile_step_size=1.0)
+            self.locator = _Network(self.model.locator_folder, ("all",), self.model.checkpoint_name,
+                                    self.model.femur_label, locator_options, self.device)
 
     def segment(self, ct: sitk.Image, progress: ProgressCallback | None = None,
                 cancel: threading.Event | None = None) -> sitk.Image:
-        """Femur label (uint8 0/1) on ``ct``'s grid. Raises InferenceCancelled if ``cancel`` is set."""
+        """The label alone (see :meth:`run`)."""
+        return self.run(ct, progress, cancel).label
+
+    def run(self, ct: sitk.Image, progress: ProgressCallback | None = None,
+            cancel: threading.Event | None = None) -> SegmentationResult:
+        """Femurs of ``ct``: label on ``ct``'s grid, sides, checks. Raises InferenceCancelled if ``cancel`` is set."""
         check_volume(ct, "CT")
         report = progress or (lambda fraction, stage: None)
         cancel = cancel or threading.Event()
         report(0.0, "preparing")
+        ct_warnings = check_ct(ct)
+        if any("no finite values" in w or "constant" in w for w in ct_warnings):
+            report(1.0, "done")
+            return self._empty(ct, [*ct_warnings, NO_FEMUR])
         oriented = sitk.DICOMOrient(ct, "LPS") if ct.GetDirection() != (1, 0, 0, 0, 1, 0, 0, 0, 1) else ct
-        array = sitk.GetArrayFromImage(oriented).astype(np.float32)[None]
-        spacing = [float(s) for s in reversed(oriented.GetSpacing())]
+        array = sitk.GetArrayFromImage(oriented).astype(np.float32)
+        np.nan_to_num(array, copy=False, nan=-1000.0, posinf=3000.0, neginf=-1000.0)
+        spacing = np.array(oriented.GetSpacing()[::-1], dtype=float)
+        steps = _Steps(report, cancel)
 
-        passes = (1 if self.options.fast or not self.predictor.allowed_mirroring_axes
-                  else 2 ** len(self.predictor.allowed_mirroring_axes))
-        expected = max(1, passes * len(self.predictor.list_of_parameters) * self._convs_per_pass * self._tiles(array))
-        done = [0]
-
-        def on_stage(_module, _inputs):
-            if cancel.is_set():
-                raise InferenceCancelled()
-            done[0] += 1
-            report(0.05 + 0.9 * min(1.0, done[0] / expected), "predicting")
-
-        handles = [module.register_forward_pre_hook(on_stage) for module in self._conv_modules]
-        try:
-            if cancel.is_set():
-                raise InferenceCancelled()
-            report(0.05, "predicting")
-            segmentation = self.predictor.predict_single_npy_array(array, {"spacing": spacing})
-        finally:
-            for handle in handles:
-                handle.remove()
+        if self.locator is None:
+            steps.plan([self.network.calls(array.shape, spacing)])
+            femur_masks = self._components(self._predict(self.network, array, spacing, steps) >= 0.5, spacing)
+        else:
+            femur_masks = self._locate_and_segment(oriented, array, spacing, steps)
         if cancel.is_set():
             raise InferenceCancelled()
-        report(0.96, "post-processing")
-        femur = np.asarray(segmentation) == self.model.femur_label
-        if self.options.keep_largest_component:
-            femur = largest_component(femur)
-        label = sitk.GetImageFromArray(femur.astype(np.uint8))
-        label.CopyInformation(oriented)
+        report(0.96, "checking")
+        femurs, label = self._assemble(femur_masks, oriented, spacing)
+        all_warnings = list(ct_warnings) + [w for f in femurs for w in f.warnings]
+        if not femurs:
+            all_warnings.append(NO_FEMUR)
+        result_label = sitk.GetImageFromArray(label)
+        result_label.CopyInformation(oriented)
         if oriented is not ct:
-            label = sitk.Resample(label, ct, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-        label.CopyInformation(ct)
+            result_label = sitk.Resample(result_label, ct, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
+                                         sitk.sitkUInt8)
+        result_label.CopyInformation(ct)
         report(1.0, "done")
-        return label
+        return SegmentationResult(label=result_label, femurs=tuple(femurs), warnings=tuple(all_warnings))
 
-    def _count_convolutions_per_pass(self) -> int:
-        """Convolutions one forward pass runs (unused deep-supervision heads are skipped by the network)."""
-        import torch
+    # --- steps ------------------------------------------------------------------------------------------------
 
-        calls = [0]
+    def _predict(self, network: _Network, array: np.ndarray, spacing: np.ndarray, steps: "_Steps") -> np.ndarray:
+        """Probability on ``array``'s grid; the array is first resampled to the network's spacing by SimpleITK."""
+        if np.allclose(spacing, network.spacing, rtol=0.02) or self.options.whole_volume_tile:
+            return network.probability(array, spacing, steps.on_conv)
+        image = sitk.GetImageFromArray(array)
+        image.SetSpacing(tuple(float(s) for s in spacing[::-1]))
+        resampled = _resample_to_spacing(image, network.spacing[::-1], sitk.sitkLinear, -1000.0)
+        probability = network.probability(sitk.GetArrayViewFromImage(resampled), network.spacing, steps.on_conv)
+        back = sitk.GetImageFromArray(probability)
+        back.CopyInformation(resampled)
+        return sitk.GetArrayFromImage(sitk.Resample(back, image, sitk.Transform(), sitk.sitkLinear, 0.0))
 
-        def count(_module, _inputs):
-            calls[0] += 1
+    def _locate_and_segment(self, oriented: sitk.Image, array: np.ndarray, spacing: np.ndarray,
+                            steps: "_Steps") -> list[np.ndarray]:
+        coarse = _resample_to_spacing(oriented, self.locator.spacing[::-1], sitk.sitkLinear, -1000.0)
+        coarse_array = sitk.GetArrayFromImage(coarse).astype(np.float32)
+        np.nan_to_num(coarse_array, copy=False, nan=-1000.0)
+        steps.plan([self.locator.calls(coarse_array.shape, self.locator.spacing)])
+        located = self.locator.probability(coarse_array, self.locator.spacing, steps.on_conv) >= 0.5
+        pieces = self._components(located, self.locator.spacing)
+        boxes = []
+        for piece in pieces:
+            found = np.argwhere(piece)
+            corners = [np.array(oriented.TransformPhysicalPointToContinuousIndex(
+                coarse.TransformContinuousIndexToPhysicalPoint([float(v) for v in index[::-1]])))[::-1]
+                for index in (found.min(0), found.max(0))]
+            margin = (ROI_MARGIN_MM + self.locator.spacing) / spacing
+            start = np.maximum(np.floor(np.minimum(*corners) - margin).astype(int), 0)
+            stop = np.minimum(np.ceil(np.maximum(*corners) + margin).astype(int) + 1, array.shape)
+            boxes.append(tuple(slice(int(a), int(b)) for a, b in zip(start, stop)))
+        steps.plan([steps.planned[0]] + [self.network.calls(array[box].shape, spacing) for box in boxes])
+        masks = []
+        for box in boxes:
+            probability = self._predict(self.network, array[box], spacing, steps)
+            femur = probability >= 0.5
+            if self.options.keep_largest_component:
+                femur = largest_component(femur)
+            full = np.zeros(array.shape, dtype=bool)
+            full[box] = femur
+            masks.append(full)
+        return [m for m in masks if m.any()]
 
-        handles = [module.register_forward_pre_hook(count) for module in self._conv_modules]
-        divisor = _network_divisor(self.predictor.configuration_manager)
-        channels = len(self.predictor.dataset_json["channel_names"])
-        try:
-            self.predictor.network.eval()
-            with torch.inference_mode():
-                self.predictor.network(torch.zeros((1, channels, *[2 * int(d) for d in divisor])))
-        finally:
-            for handle in handles:
-                handle.remove()
-        return max(1, calls[0])
+    def _components(self, mask: np.ndarray, spacing: np.ndarray) -> list[np.ndarray]:
+        """Up to two pieces of at least MIN_FEMUR_ML (one when keep_largest_component is off: all of it)."""
+        if not self.options.keep_largest_component:
+            return [mask] if mask.any() else []
+        labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+        if count == 0:
+            return []
+        sizes = np.bincount(labels.ravel())[1:] * float(np.prod(spacing)) / 1000.0
+        order = [int(i) + 1 for i in np.argsort(sizes)[::-1][:2] if sizes[i] >= MIN_FEMUR_ML]
+        return [labels == index for index in order]
 
-    def _tiles(self, array: np.ndarray) -> int:
-        """How many network calls per pass nnU-Net will make (1 with the whole-volume tile)."""
-        if self.options.whole_volume_tile:
-            return 1
-        from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
+    def _assemble(self, masks: list[np.ndarray], oriented: sitk.Image,
+                  spacing: np.ndarray) -> tuple[list[Femur], np.ndarray]:
+        sides = _sides(masks, oriented)
+        label = np.zeros(oriented.GetSize()[::-1], dtype=np.uint8)
+        femurs = []
+        for mask, side in zip(masks, sides):
+            if self.options.side != "both" and side != self.options.side:
+                continue
+            value = 1 if self.options.side != "both" else LABEL_VALUES.get(side, 1)
+            label[mask & (label == 0)] = value
+            check = check_femur(mask, tuple(spacing), side if side != "femur" else "the femur")
+            femurs.append(Femur(side=side, value=value, volume_ml=check.volume_ml, warnings=check.warnings))
+        return femurs, label
 
-        patch = self.predictor.configuration_manager.patch_size
-        shape = [max(s, p) for s, p in zip(array.shape[1:], patch)]
-        steps = compute_steps_for_sliding_window(shape, patch, self.options.tile_step_size)
-        return int(np.prod([len(axis_steps) for axis_steps in steps]))
+    def _empty(self, ct: sitk.Image, reasons: list[str]) -> SegmentationResult:
+        label = sitk.Image(ct.GetSize(), sitk.sitkUInt8)
+        label.CopyInformation(ct)
+        return SegmentationResult(label=label, femurs=(), warnings=tuple(reasons))
+
+
+class _Steps:
+    """Progress over several network runs, and the cancel check every convolution makes."""
+
+    def __init__(self, report: ProgressCallback, cancel: threading.Event) -> None:
+        self.report, self.cancel = report, cancel
+        self.planned: list[int] = [1]
+        self.done = 0
+
+    def plan(self, calls: list[int]) -> None:
+        self.planned = calls
+
+    def on_conv(self, _module, _inputs) -> None:
+        if self.cancel.is_set():
+            raise InferenceCancelled()
+        self.done += 1
+        self.report(0.05 + 0.9 * min(1.0, self.done / max(1, sum(self.planned))), "predicting")
+
+
+def _resample_to_spacing(image: sitk.Image, spacing_xyz: np.ndarray, interpolator: int, default: float) -> sitk.Image:
+    """``image`` on a grid of ``spacing_xyz`` covering the same extent (same origin and direction)."""
+    size = [max(1, int(round(n * s / t))) for n, s, t in zip(image.GetSize(), image.GetSpacing(), spacing_xyz)]
+    return sitk.Resample(image, size, sitk.Transform(), interpolator, image.GetOrigin(),
+                         tuple(float(s) for s in spacing_xyz), image.GetDirection(), default, sitk.sitkFloat32)
+
+
+def _sides(masks: list[np.ndarray], oriented: sitk.Image) -> list[str]:
+    """Left/right per femur mask (LPS grid): by position with two, by head-medial-to-shaft with one."""
+    if not masks:
+        return []
+    centroids = [np.array(oriented.TransformContinuousIndexToPhysicalPoint(
+        [float(v) for v in np.argwhere(m).mean(0)[::-1]])) for m in masks]
+    if len(masks) == 2:
+        left = int(np.argmax([c[0] for c in centroids]))  # LPS x grows towards the patient's left
+        return ["left" if i == left else "right" for i in range(2)]
+    return [_side_from_shape(masks[0], oriented)]
+
+
+def _side_from_shape(mask: np.ndarray, oriented: sitk.Image) -> str:
+    """A femur with its shaft near the scanner's z axis: its head is medial, so head at -x of the shaft = left."""
+    points = np.argwhere(mask)[:: max(1, int(mask.sum()) // 20000)].astype(float)
+    physical = np.array([oriented.TransformContinuousIndexToPhysicalPoint(p[::-1].tolist()) for p in points])
+    centred = physical - physical.mean(0)
+    axis = np.linalg.svd(centred, full_matrices=False)[2][0]
+    if abs(axis[2]) < np.cos(np.deg2rad(35)):
+        return "femur"  # not lying along z (an ex-vivo specimen in any pose): the scanner frame says nothing
+    z = physical[:, 2]
+    top, bottom = z >= np.percentile(z, 80), z <= np.percentile(z, 30)
+    medial_shift = physical[top, 0].mean() - physical[bottom, 0].mean()
+    if abs(medial_shift) < 5.0:
+        return "femur"
+    return "left" if medial_shift < 0 else "right"

@@ -42,6 +42,7 @@ class ModelInfo:
     checkpoint_name: str = "checkpoint_final.pth"
     card: dict = field(default_factory=dict)
     bundled: bool = False
+    locator_folder: Path | None = None  # a coarse configuration that finds the femurs first (model card "locator")
 
     @property
     def version(self) -> str:
@@ -56,12 +57,18 @@ def user_models_dir() -> Path:
     return base / "FemurSeg" / "models"
 
 
-def _find_trained_folder(root: Path) -> Path:
-    """The folder with plans.json + dataset.json inside ``root`` (itself, or DatasetXXX/<trainer folder>)."""
+def _find_trained_folder(root: Path, configuration: str | None = None) -> Path:
+    """The folder with plans.json + dataset.json inside ``root`` (itself, or DatasetXXX/<trainer folder>);
+    ``configuration`` picks one where the model card names several (a locator and the main network)."""
     if (root / "plans.json").is_file() and (root / "dataset.json").is_file():
         return root
     candidates = [p.parent for p in root.glob("*/*/plans.json")] + [p.parent for p in root.glob("*/plans.json")]
     candidates = sorted({c for c in candidates if (c / "dataset.json").is_file()})
+    if configuration is not None:
+        candidates = [c for c in candidates if c.name.split("__")[-1] == configuration]
+        if not candidates:
+            raise FemurSegError(f"'{root}' has no trained folder for configuration '{configuration}' named in its "
+                                "model card; copy the whole model folder.")
     if len(candidates) == 1:
         trained = candidates[0]
         dataset_folder = trained.parent.name
@@ -109,7 +116,13 @@ def validate_model_folder(root: Path, name: str | None = None, bundled: bool = F
     root = Path(root)
     if not root.is_dir():
         raise FemurSegError(f"Model folder '{root}' does not exist.")
-    trained = _find_trained_folder(root)
+    card_path = root / "model_card.json"
+    card = _read_json(card_path, "model card") if card_path.is_file() else {}
+    trained = _find_trained_folder(root, card.get("configuration"))
+    locator = _find_trained_folder(root, card["locator"]) if card.get("locator") else None
+    if locator is not None and not (locator / "fold_all" / "checkpoint_final.pth").is_file():
+        raise FemurSegError(f"The model's locator '{locator}' has no fold_all/checkpoint_final.pth; copy the whole "
+                            "model folder.")
     dataset_json = _read_json(trained / "dataset.json", "dataset.json")
     plans = _read_json(trained / "plans.json", "plans.json")
     configuration = trained.name.split("__")[-1]
@@ -128,11 +141,9 @@ def validate_model_folder(root: Path, name: str | None = None, bundled: bool = F
             "training did not finish or the copy is incomplete."
         )
     femur_label, label_name = _femur_label(dataset_json, trained / "dataset.json")
-    card_path = root / "model_card.json"
-    card = _read_json(card_path, "model card") if card_path.is_file() else {}
     return ModelInfo(
         name=name or root.name, root=root, trained_folder=trained, folds=folds,
-        femur_label=femur_label, label_name=label_name, card=card, bundled=bundled,
+        femur_label=femur_label, label_name=label_name, card=card, bundled=bundled, locator_folder=locator,
     )
 
 

@@ -1,35 +1,26 @@
-"""The recipe that trains FemurSeg's bundled model on phantoms, with nnU-Net's own planner and trainer.
+"""The recipe that trains FemurSeg's bundled model, with nnU-Net's own planner, preprocessing and trainer.
 
-Why this configuration (DESIGN.md §4; measured on the 2-core CPU): the default 3d_fullres plan costs ~50 s per
-iteration, far beyond a two-hour budget. The bundled model keeps nnU-Net's 1 mm target spacing (accuracy at
-1 mm is the goal) but uses a narrow U-Net (8 -> 128 features) on 64 x 64 x 96 patches, ~1 s per iteration:
+Model v4 is two nnU-Net configurations, trained on the phantom families of families.py (legacy SDF phantoms,
+ex-vivo real shapes, in-vivo hip CTs), training subjects only:
 
-1. 40 phantoms, 36 x 50 iterations at learning rate 0.01;
-2. continued to 76 epochs as nnU-Net continues a run (the poly learning rate restarts at 0.0055; the 36-epoch
-   run was still improving);
-3. 160 more phantoms (200 in all), preprocessed with the same plans, and continued to 150 epochs, then once more
-   to 170. The 76-epoch model scored Dice 0.9898 on training phantoms but 0.9838 on held-out seeds 1-4: a
-   generalisation gap that more cases close (an epoch costs the same whatever the number of cases). The last 20
-   epochs were kept because validation phantoms 11-20 (not the benchmark's 1-10) improved: Dice 0.9901 -> 0.9903,
-   ASD 0.169 -> 0.166 mm.
+- ``3d_locator`` on ``LOCATOR_DATASET`` (whole fields of view): 3 mm voxels, 64^3 patches (19 cm of context):
+  finds the femur(s) in a whole CT cheaply (a 512 x 512 x 300 CT is ~120 x 120 x 80 voxels at 3 mm);
+- ``3d_femurseg`` on ``DATASET`` (the box around each femur, as inference crops it: bounding box plus a random
+  10-30 mm margin, cut from the same CTs): 1 mm voxels, 80^3 patches.
 
-About 2 h 45 min with data and planning. Tried on the way and not kept: continuing with nnU-Net's cross-entropy
-only trainer (to remove a Dice-loss bias towards foreground) gained 0.0005 held-out Dice over 10 epochs.
+Both are narrow U-Nets (8 -> 128 features; DESIGN.md §4: the default plan costs ~50 s per iteration here). Why the
+split: bundled model v3 ran its 1 mm network over the whole field of view and invented femurs in empty margins;
+at 3 mm the locator sees a whole hip in one patch, and the fine network only ever sees femur-centred regions.
 
-FemurSeg's engine runs it with nnU-Net's sliding window at tile step 1.0 (the fewest patches), which keeps the
-field of view it was trained on. An optional stage 2 (``--fine-tune-epochs``, configuration
-``3d_femurseg_large``) fine-tunes on 96 x 96 x 160 patches for whole-volume inference (one tile, ~1.2 s); measured
-on held-out seeds 1-3 it stayed at Dice 0.981 after 4 epochs while the stage-1 weights tiled reach 0.984, so the
-bundled model skips it. (That run started from nnU-Net's ``load_pretrained_weights``, which re-initialises the
-output layers; ``train`` now carries them over, so the 0.981 may understate what stage 2 can do.)
+Phases (``--stage``), each resumable: ``data`` (cases through the dataset exporter), ``plan`` (nnU-Net fingerprint
+and planner, the recipe's two configurations, preprocessing), ``locator``, ``fine`` (continues to each count of
+``--fine-epochs`` in turn), ``bundle`` (stripped fp16 checkpoints, both configurations, model card).
 
-Tried and dropped (2026-11-23): polishing without nnU-Net's blur, low-resolution and gamma augmentations.
-The model's errors are false positives within 1 mm outside the thin head/neck cortex; without those
-augmentations they grew (held-out Dice 0.9805 -> 0.9784 on seed 1, 0.9812 -> 0.9790 on seed 3).
-
-The checkpoint is trained by the plain ``nnUNetTrainer`` class (only the epoch and iteration counts are set on
-the instance), so any nnU-Net v2 installation can load it. Training seeds start at ``TRAIN_SEED_START``;
-held-out seeds (1-999) are never used here.
+History: v3 (legacy phantoms only, one 1 mm network over the whole volume) reached held-out phantom Dice 0.991
+but 0.000 on real shapes ex-vivo (DESIGN.md §7). Training seeds start at ``TRAIN_SEED_START``; held-out
+subjects (Resources/Anatomy) and seeds 1-999 of every family are never used here. The checkpoints are trained by
+the plain ``nnUNetTrainer`` class (only epoch and iteration counts are set on the instance), so any nnU-Net v2
+installation can load them.
 """
 
 from __future__ import annotations
@@ -40,39 +31,50 @@ import time
 from pathlib import Path
 
 TRAIN_SEED_START = 1000
-DATASET_ID = 500
-DATASET_NAME = f"Dataset{DATASET_ID}_FemurPhantom"
+LOCATOR_DATASET_ID = 501
+LOCATOR_DATASET = f"Dataset{LOCATOR_DATASET_ID}_FemurFieldOfView"
+DATASET_ID = 502
+DATASET_NAME = f"Dataset{DATASET_ID}_FemurRegion"
 CONFIGURATION = "3d_femurseg"
-MODEL_NAME = "FemurPhantom3dSmall"
-MODEL_VERSION = "3"
+LOCATOR_CONFIGURATION = "3d_locator"
+MODEL_NAME = "FemurReal3dSmall"
+MODEL_VERSION = "4"
+# Share of each family among the training cases (in-vivo cases are the largest, so fewer of them).
+FAMILY_MIX = (("exvivo", 9), ("invivo", 7), ("legacy", 4))
 
-ARCHITECTURE = {
-    "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-    "arch_kwargs": {
-        "n_stages": 5,
-        "features_per_stage": [8, 16, 32, 64, 128],
-        "conv_op": "torch.nn.modules.conv.Conv3d",
-        "kernel_sizes": [[3, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]],
-        "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]],
-        "n_conv_per_stage": [2, 2, 2, 2, 2],
-        "n_conv_per_stage_decoder": [2, 2, 2, 2],
-        "conv_bias": True,
-        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
-        "norm_op_kwargs": {"eps": 1e-05, "affine": True},
-        "dropout_op": None,
-        "dropout_op_kwargs": None,
-        "nonlin": "torch.nn.LeakyReLU",
-        "nonlin_kwargs": {"inplace": True},
-    },
-    "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
+
+def _architecture(features: list[int]) -> dict:
+    stages = len(features)
+    return {
+        "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+        "arch_kwargs": {
+            "n_stages": stages,
+            "features_per_stage": features,
+            "conv_op": "torch.nn.modules.conv.Conv3d",
+            "kernel_sizes": [[3, 3, 3]] * stages,
+            "strides": [[1, 1, 1]] + [[2, 2, 2]] * (stages - 1),
+            "n_conv_per_stage": [2] * stages,
+            "n_conv_per_stage_decoder": [2] * (stages - 1),
+            "conv_bias": True,
+            "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+            "norm_op_kwargs": {"eps": 1e-05, "affine": True},
+            "dropout_op": None,
+            "dropout_op_kwargs": None,
+            "nonlin": "torch.nn.LeakyReLU",
+            "nonlin_kwargs": {"inplace": True},
+        },
+        "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
+    }
+
+
+RECIPE_CONFIGURATIONS = {
+    CONFIGURATION: {"spacing": [1.0, 1.0, 1.0], "patch_size": [80, 80, 80], "batch_size": 2,
+                    "architecture": _architecture([8, 16, 32, 64, 128])},
+    LOCATOR_CONFIGURATION: {"spacing": [3.0, 3.0, 3.0], "patch_size": [64, 64, 64], "batch_size": 2,
+                            "architecture": _architecture([8, 16, 32, 64, 128])},
 }
-PATCH_SIZE = [64, 64, 96]
-BATCH_SIZE = 2
-# Optional stage 2 (off for the bundled model) fine-tunes the stage-1 weights on nearly whole-volume patches, so
-# that instance normalisation sees in training the field of view of whole-volume inference.
-FINE_TUNE_CONFIGURATION = "3d_femurseg_large"
-FINE_TUNE_PATCH_SIZE = [96, 96, 160]
-FINE_TUNE_LEARNING_RATE = 0.003
+DATASETS = {CONFIGURATION: (DATASET_ID, DATASET_NAME), LOCATOR_CONFIGURATION: (LOCATOR_DATASET_ID, LOCATOR_DATASET)}
+REGION_MARGIN_MM = (10.0, 30.0)
 
 
 def set_nnunet_paths(work_dir: Path) -> None:
@@ -81,18 +83,60 @@ def set_nnunet_paths(work_dir: Path) -> None:
         os.environ[variable] = str(work_dir / sub)
 
 
-def write_phantom_dataset(raw_dataset: Path, count: int) -> None:
-    """Training cases from seeds TRAIN_SEED_START.. through the dataset exporter (skips cases already there)."""
-    from .dataset import export_case
-    from .phantom import generate_phantom
+def case_family(index: int) -> str:
+    """The family of training case ``index``: FAMILY_MIX repeated, so any prefix of the cases is mixed."""
+    cycle = [family for family, share in FAMILY_MIX for _ in range(share)]
+    order = sorted(range(len(cycle)), key=lambda i: (i * 7919) % len(cycle))  # interleave the families
+    return cycle[order[index % len(cycle)]]
 
-    for seed in range(TRAIN_SEED_START, TRAIN_SEED_START + count):
-        case = f"phantom{seed}"
-        if (raw_dataset / "labelsTr" / f"{case}.nii.gz").exists():
+
+def femur_regions(ct, label, rng) -> list:
+    """(CT, label) cut to each femur's bounding box plus a random margin: what the 1 mm network sees at inference."""
+    import numpy as np
+    import SimpleITK as sitk
+    from scipy import ndimage
+
+    mask = sitk.GetArrayViewFromImage(label) != 0
+    pieces, count = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    regions = []
+    for box in ndimage.find_objects(pieces):
+        if box is None:
             continue
-        ct, label, shape = generate_phantom(seed)
-        export_case(ct, label, raw_dataset, case, provenance={"phantom_seed": seed, "side": shape.side},
-                    description="FemurSeg synthetic proximal femur QCT phantoms")
+        margin = rng.uniform(*REGION_MARGIN_MM, size=(3, 2)) / np.array(ct.GetSpacing()[::-1])[:, None]
+        start = [max(0, int(b.start - m[0])) for b, m in zip(box, margin)]
+        stop = [min(n, int(np.ceil(b.stop + m[1]))) for b, m, n in zip(box, margin, mask.shape)]
+        index, size = start[::-1], [b - a for a, b in zip(start, stop)][::-1]
+        piece = [sitk.RegionOfInterest(image, size, index) for image in (ct, label)]
+        if np.count_nonzero(sitk.GetArrayViewFromImage(piece[1])) * np.prod(ct.GetSpacing()) > 15_000:
+            regions.append(piece)  # not a sliver of femur at the edge of the field of view
+    return regions
+
+
+def write_training_dataset(work_dir: Path, count: int) -> None:
+    """Training cases 0..count-1 (seed TRAIN_SEED_START + index), through the dataset exporter: the whole CT into
+    the locator's dataset, each femur's region into the 1 mm network's; cases already there are skipped."""
+    import numpy as np
+
+    from .dataset import export_case
+    from .families import generate_case
+
+    description = "FemurSeg synthetic femur CTs (FemurSegLib.families), training subjects only"
+    for index in range(count):
+        family, seed = case_family(index), TRAIN_SEED_START + index
+        case = f"{family}{seed}"
+        if (work_dir / "raw" / DATASET_NAME / "femurseg" / f"{case}.done").exists():
+            continue
+        started = time.time()
+        ct, label, info = generate_case(family, seed)
+        provenance = {"family": family, "seed": seed, "subjects": list(info.subjects), "sides": list(info.sides)}
+        export_case(ct, label, work_dir / "raw" / LOCATOR_DATASET, case, replace=True, provenance=provenance,
+                    description=description + ", whole fields of view")
+        rng = np.random.default_rng(seed)
+        for number, (region_ct, region_label) in enumerate(femur_regions(ct, label, rng)):
+            export_case(region_ct, region_label, work_dir / "raw" / DATASET_NAME, f"{case}_{number}", replace=True,
+                        provenance=provenance, description=description + ", the region around each femur")
+        (work_dir / "raw" / DATASET_NAME / "femurseg" / f"{case}.done").touch()
+        print(f"case {index + 1}/{count} {case}: {list(info.size)} voxels, {time.time() - started:.0f} s", flush=True)
 
 
 def plan_and_preprocess(work_dir: Path) -> None:
@@ -102,43 +146,32 @@ def plan_and_preprocess(work_dir: Path) -> None:
         preprocess,
     )
 
-    extract_fingerprints([DATASET_ID], num_processes=2, check_dataset_integrity=True)
-    plan_experiments([DATASET_ID])
-    add_recipe_configurations(work_dir)
-    preprocess([DATASET_ID], configurations=(CONFIGURATION,), num_processes=(2,))
+    for configuration, (dataset_id, _) in DATASETS.items():
+        extract_fingerprints([dataset_id], num_processes=2, check_dataset_integrity=True)
+        plan_experiments([dataset_id])
+        add_recipe_configuration(work_dir, configuration)
+        preprocess([dataset_id], configurations=(configuration,), num_processes=(2,))
 
 
-def add_recipe_configurations(work_dir: Path) -> None:
-    """Write the recipe's two configurations into nnU-Net's plans; both use stage 1's preprocessed data."""
+def add_recipe_configuration(work_dir: Path, configuration: str) -> None:
+    """Write one of the recipe's configurations into its dataset's nnU-Net plans."""
     from .imageio import write_bytes_atomic
 
-    plans_path = work_dir / "preprocessed" / DATASET_NAME / "nnUNetPlans.json"
+    plans_path = work_dir / "preprocessed" / DATASETS[configuration][1] / "nnUNetPlans.json"
     plans = json.loads(plans_path.read_text())
-    plans["configurations"][CONFIGURATION] = {
-        "inherits_from": "3d_fullres",
-        "patch_size": PATCH_SIZE,
-        "batch_size": BATCH_SIZE,
-        "architecture": ARCHITECTURE,
-    }
-    plans["configurations"][FINE_TUNE_CONFIGURATION] = {
-        "inherits_from": CONFIGURATION,
-        "patch_size": FINE_TUNE_PATCH_SIZE,
-    }
+    plans["configurations"][configuration] = {"inherits_from": "3d_fullres",
+                                              "data_identifier": f"nnUNetPlans_{configuration}",
+                                              **RECIPE_CONFIGURATIONS[configuration]}
     write_bytes_atomic(plans_path, json.dumps(plans, indent=2).encode())
 
 
-def _trained_folder(work_dir: Path, configuration: str) -> Path:
-    return work_dir / "results" / DATASET_NAME / f"nnUNetTrainer__nnUNetPlans__{configuration}"
+def trained_folder(work_dir: Path, configuration: str) -> Path:
+    return work_dir / "results" / DATASETS[configuration][1] / f"nnUNetTrainer__nnUNetPlans__{configuration}"
 
 
-def train(work_dir: Path, epochs: int, iterations_per_epoch: int, configuration: str = CONFIGURATION,
-          initial_lr: float = 0.01, start_from: Path | None = None) -> Path:
-    """Train fold 'all' with the plain nnUNetTrainer up to ``epochs``, resuming from the stage's last checkpoint.
-
-    ``start_from`` initialises the whole network from another checkpoint of this recipe (fine-tuning on the same
-    labels). Not nnU-Net's ``load_pretrained_weights``: it re-initialises the output layers, which suits a new
-    label set, not this.
-    """
+def train(work_dir: Path, configuration: str, epochs: int, iterations_per_epoch: int,
+          initial_lr: float = 0.01) -> Path:
+    """Train fold 'all' with the plain nnUNetTrainer up to ``epochs``, resuming from the last checkpoint."""
     # Augmentation in the main process: as fast as 2 workers on 2 cores (DESIGN.md §4). Set only here: the
     # planner calls torch.set_num_threads(nnUNet_n_proc_DA), which refuses 0.
     os.environ["nnUNet_n_proc_DA"] = "0"
@@ -146,10 +179,10 @@ def train(work_dir: Path, epochs: int, iterations_per_epoch: int, configuration:
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     torch.set_num_threads(os.cpu_count() or 1)
-    preprocessed = work_dir / "preprocessed" / DATASET_NAME
+    preprocessed = work_dir / "preprocessed" / DATASETS[configuration][1]
     plans = json.loads((preprocessed / "nnUNetPlans.json").read_text())
     dataset_json = json.loads((preprocessed / "dataset.json").read_text())
-    fold = _trained_folder(work_dir, configuration) / "fold_all"
+    fold = trained_folder(work_dir, configuration) / "fold_all"
     # Continue an interrupted run (latest) or extend a finished one to more epochs (final keeps its epoch count).
     resume = next((fold / name for name in ("checkpoint_latest.pth", "checkpoint_final.pth")
                    if (fold / name).exists()), None)
@@ -162,105 +195,65 @@ def train(work_dir: Path, epochs: int, iterations_per_epoch: int, configuration:
     trainer.save_every = 1
     if resume is not None:
         trainer.load_checkpoint(str(resume))
-    elif start_from is not None:
-        trainer.initialize()
-        # Our own checkpoint (it holds numpy logs, so not weights-only loadable); same architecture and labels.
-        trainer.network.load_state_dict(torch.load(start_from, map_location="cpu", weights_only=False)["network_weights"])
     trainer.run_training()
     return Path(trainer.output_folder)
 
 
-def grow_dataset(work_dir: Path, total_cases: int) -> None:
-    """Add phantoms up to ``total_cases`` and preprocess them with the existing plans.
-
-    The plans (and so the CT normalisation the network was trained with) are kept: no new fingerprint.
-    """
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess
-
-    from .imageio import write_bytes_atomic
-
-    raw_dataset = work_dir / "raw" / DATASET_NAME
-    write_phantom_dataset(raw_dataset, total_cases)
-    preprocess([DATASET_ID], configurations=(CONFIGURATION,), num_processes=(2,))
-    # nnU-Net's preprocessing leaves the planner's dataset.json copy; the trained model should record the cases.
-    write_bytes_atomic(work_dir / "preprocessed" / DATASET_NAME / "dataset.json", (raw_dataset / "dataset.json").read_bytes())
-
-
 def add_recipe_arguments(parser) -> None:
     """The recipe's options, shared by ``femurseg train-bundled`` and ``python -m FemurSegLib.training``."""
-    from .models import DEFAULT_MODEL
-
-    parser.add_argument("work_dir", type=Path)
-    parser.add_argument("--cases", type=int, default=40, help="phantoms of the first two phases (and the plans)")
-    parser.add_argument("--epochs", type=int, default=36)
-    parser.add_argument("--iterations", type=int, default=50)
-    parser.add_argument("--extend-epochs", type=int, default=76,
-                        help="after --epochs, continue stage 1 to this many epochs (nnU-Net's continue-training)")
-    parser.add_argument("--grow-cases", type=int, default=200,
-                        help="then add phantoms up to this many, preprocessed with the same plans ...")
-    parser.add_argument("--grow-epochs", type=int, nargs="+", default=[150, 170],
-                        help="... and continue stage 1 to each of these epoch counts in turn (each continuation "
-                             "restarts nnU-Net's poly learning rate from where it stands)")
-    parser.add_argument("--fine-tune-epochs", type=int, default=0,
-                        help="optional stage 2 for whole-volume inference (0: skip, as the bundled model does)")
-    parser.add_argument("--stage", choices=["data", "plan", "train", "grow", "finetune", "bundle", "all"],
-                        default="all")
-    parser.add_argument("--model-dir", type=Path, default=Path("Resources/Models") / DEFAULT_MODEL,
-                        help="where to bundle the trained model")
+    parser.add_argument("work_dir", type=Path, help="folder for nnU-Net's raw, preprocessed and results data")
+    parser.add_argument("--cases", type=int, default=160, help="training cases (families mixed as FAMILY_MIX)")
+    parser.add_argument("--iterations", type=int, default=50, help="iterations per epoch")
+    parser.add_argument("--locator-epochs", type=int, default=40, help="epochs of the 3 mm locator")
+    parser.add_argument("--fine-epochs", type=int, nargs="+", default=[120, 200],
+                        help="continue the 1 mm network to each of these epoch counts in turn")
+    parser.add_argument("--stage", choices=["data", "plan", "locator", "fine", "bundle", "all"], default="all",
+                        help="run one phase (each resumes where it stopped) or all of them")
+    parser.add_argument("--model-dir", type=Path, default=None,
+                        help=f"where to bundle the trained model (default WORK_DIR/{MODEL_NAME}-v{MODEL_VERSION})")
 
 
 def run_recipe(args) -> None:
-    """Run the recipe's stages named by ``args.stage`` (see ``add_recipe_arguments``)."""
+    """Run the recipe's phases named by ``args.stage`` (see ``add_recipe_arguments``)."""
     from .errors import FemurSegError
 
-    schedule = [args.epochs, args.extend_epochs, *args.grow_epochs]
-    if any(later <= earlier for earlier, later in zip(schedule, schedule[1:])):
-        raise FemurSegError(f"Epoch counts must increase: --epochs {args.epochs}, --extend-epochs "
-                            f"{args.extend_epochs}, --grow-epochs {' '.join(map(str, args.grow_epochs))}; each "
-                            "continues the run to that many epochs in all, e.g. 36, 76, 150 170.")
-    if args.grow_epochs and args.grow_cases < args.cases:
-        raise FemurSegError(f"--grow-cases {args.grow_cases} is fewer than --cases {args.cases}; give the total "
-                            "number of phantoms after growing, e.g. 200.")
+    if any(later <= earlier for earlier, later in zip(args.fine_epochs, args.fine_epochs[1:])):
+        raise FemurSegError(f"--fine-epochs {' '.join(map(str, args.fine_epochs))} must increase: each continues "
+                            "the run to that many epochs in all, e.g. 120 200.")
+    if args.cases < 2:
+        raise FemurSegError(f"--cases {args.cases}: nnU-Net needs at least 2 training cases.")
     work_dir = args.work_dir.resolve()
+    model_dir = (args.model_dir or work_dir / f"{MODEL_NAME}-v{MODEL_VERSION}").resolve()
     set_nnunet_paths(work_dir)
     started = time.time()
     if args.stage in ("data", "all"):
-        write_phantom_dataset(work_dir / "raw" / DATASET_NAME, args.cases)
+        write_training_dataset(work_dir, args.cases)
         print(f"data ready after {time.time() - started:.0f} s", flush=True)
     if args.stage in ("plan", "all"):
         plan_and_preprocess(work_dir)
         print(f"preprocessed after {time.time() - started:.0f} s", flush=True)
-    if args.stage in ("train", "all"):
-        output = train(work_dir, args.epochs, args.iterations)
-        if args.extend_epochs > args.epochs:
-            output = train(work_dir, args.extend_epochs, args.iterations)
-        print(f"trained into {output} after {time.time() - started:.0f} s", flush=True)
-    if args.stage in ("grow", "all") and args.grow_epochs:
-        grow_dataset(work_dir, args.grow_cases)
-        for epochs in args.grow_epochs:
-            output = train(work_dir, epochs, args.iterations)
-        print(f"continued on {args.grow_cases} cases into {output} after {time.time() - started:.0f} s", flush=True)
-    if args.stage in ("finetune", "all") and args.fine_tune_epochs > 0:
-        stage_one = _trained_folder(work_dir, CONFIGURATION) / "fold_all" / "checkpoint_final.pth"
-        output = train(work_dir, args.fine_tune_epochs, args.iterations, FINE_TUNE_CONFIGURATION,
-                       FINE_TUNE_LEARNING_RATE, start_from=stage_one)
-        print(f"fine-tuned into {output} after {time.time() - started:.0f} s", flush=True)
+    if args.stage in ("locator", "all"):
+        train(work_dir, LOCATOR_CONFIGURATION, args.locator_epochs, args.iterations)
+        print(f"locator trained after {time.time() - started:.0f} s", flush=True)
+    if args.stage in ("fine", "all"):
+        for epochs in args.fine_epochs:
+            train(work_dir, CONFIGURATION, epochs, args.iterations)
+        print(f"1 mm network trained after {time.time() - started:.0f} s", flush=True)
     if args.stage in ("bundle", "all"):
-        target = bundle_model(work_dir, args.model_dir)
-        training = {"cases": args.cases, "epochs": args.epochs, "extend_epochs": args.extend_epochs,
-                    "grow_cases": args.grow_cases, "grow_epochs": args.grow_epochs, "iterations": args.iterations,
-                    "patch_size": PATCH_SIZE, "batch_size": BATCH_SIZE,
-                    "fine_tune_epochs": args.fine_tune_epochs, "fine_tune_patch_size": FINE_TUNE_PATCH_SIZE,
-                    "fine_tune_learning_rate": FINE_TUNE_LEARNING_RATE,
+        bundle_model(work_dir, model_dir)
+        training = {"cases": args.cases, "family_mix": dict(FAMILY_MIX), "iterations": args.iterations,
+                    "locator_epochs": args.locator_epochs, "fine_epochs": args.fine_epochs,
+                    "configurations": {name: {k: v for k, v in settings.items() if k != "architecture"}
+                                       for name, settings in RECIPE_CONFIGURATIONS.items()},
                     "wall_minutes": round((time.time() - started) / 60) if args.stage == "all" else None}
-        write_model_card(args.model_dir, training, held_out=None)
-        print(f"bundled into {target}; run benchmarks/inference_benchmark.py --card to add held-out metrics")
+        write_model_card(model_dir, training, held_out=None)
+        print(f"bundled into {model_dir}; run benchmarks/inference_benchmark.py --card to add held-out metrics")
 
 
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(description="Train FemurSeg's bundled phantom model (nnU-Net v2, CPU).")
+    parser = argparse.ArgumentParser(description="Train FemurSeg's bundled model (nnU-Net v2, CPU).")
     add_recipe_arguments(parser)
     run_recipe(parser.parse_args(argv))
 
@@ -273,7 +266,7 @@ def strip_checkpoint(source: Path, destination: Path) -> None:
     """
     import torch
 
-    checkpoint = torch.load(source, map_location="cpu", weights_only=False)
+    checkpoint = torch.load(source, map_location="cpu", weights_only=False)  # our own training output
     converted: dict[int, torch.Tensor] = {}
     weights = {}
     for key, tensor in checkpoint["network_weights"].items():
@@ -297,58 +290,72 @@ def strip_checkpoint(source: Path, destination: Path) -> None:
 
 
 def bundle_model(work_dir: Path, model_dir: Path, checkpoint_name: str = "checkpoint_final.pth") -> Path:
-    """Copy plans/dataset JSON and a stripped checkpoint into ``model_dir`` in nnU-Net's results layout."""
+    """Both configurations' plans/dataset JSON and stripped checkpoints in nnU-Net's results layout."""
     import shutil
 
-    trained = _trained_folder(work_dir, CONFIGURATION)
-    target = model_dir / DATASET_NAME / trained.name
-    shutil.rmtree(model_dir / DATASET_NAME, ignore_errors=True)  # one model per folder: drop older configurations
-    (target / "fold_all").mkdir(parents=True, exist_ok=True)
-    for name in ("plans.json", "dataset.json", "dataset_fingerprint.json"):
-        shutil.copy2(trained / name, target / name)
-    strip_checkpoint(trained / "fold_all" / checkpoint_name, target / "fold_all" / "checkpoint_final.pth")
-    return target
+    for _, dataset in DATASETS.values():
+        shutil.rmtree(model_dir / dataset, ignore_errors=True)  # one model per folder: drop older files
+    for configuration in RECIPE_CONFIGURATIONS:
+        trained = trained_folder(work_dir, configuration)
+        target = model_dir / DATASETS[configuration][1] / trained.name
+        (target / "fold_all").mkdir(parents=True, exist_ok=True)
+        for name in ("plans.json", "dataset.json", "dataset_fingerprint.json"):
+            shutil.copy2(trained / name, target / name)
+        source = trained / "fold_all" / checkpoint_name
+        if not source.exists():
+            source = trained / "fold_all" / "checkpoint_latest.pth"
+        strip_checkpoint(source, target / "fold_all" / "checkpoint_final.pth")
+    return model_dir
 
 
 def write_model_card(model_dir: Path, training: dict, held_out: dict | None) -> None:
     """model_card.json (machine-readable) and MODEL_CARD.md (for people) beside the bundled model."""
+    from .anatomy import load_shapes
     from .imageio import write_bytes_atomic
 
-    all_cases = max(int(training.get("cases", 0)), int(training.get("grow_cases") or 0))
-    grow_epochs = " ".join(str(epochs) for epochs in training.get("grow_epochs") or [])
+    shapes = load_shapes()
+    split = {"training_subjects": sorted({s.subject for s in shapes if not s.held_out}),
+             "held_out_subjects": sorted({s.subject for s in shapes if s.held_out})}
+    fine = " ".join(str(e) for e in training.get("fine_epochs") or [])
     card = {
         "name": MODEL_NAME,
         "version": MODEL_VERSION,
-        "task": "proximal femur (periosteal surface, solid inside) in ex-vivo QCT, 1 mm isotropic",
-        "framework": "nnU-Net v2 (nnunetv2 2.8.1), trainer nnUNetTrainer, configuration " + CONFIGURATION,
-        "training_data": f"{all_cases} synthetic phantoms, seeds {TRAIN_SEED_START}-"
-                         f"{TRAIN_SEED_START + all_cases - 1} (FemurSegLib.phantom)",
-        "held_out_data": "phantom seeds 1-999 are never used for training",
-        "recipe": f"femurseg train-bundled WORK_DIR --cases {training.get('cases')} --epochs {training.get('epochs')} "
-                  f"--iterations {training.get('iterations')} --extend-epochs {training.get('extend_epochs')} "
-                  f"--grow-cases {training.get('grow_cases')} --grow-epochs {grow_epochs} "
-                  f"--fine-tune-epochs {training.get('fine_tune_epochs')}",
+        "task": "proximal femur (periosteal surface, solid inside), left and right, in ex-vivo QCT and clinical hip CT",
+        "framework": f"nnU-Net v2 (nnunetv2 2.8.1), trainer nnUNetTrainer, configurations {LOCATOR_CONFIGURATION} "
+                     f"(3 mm locator) and {CONFIGURATION} (1 mm)",
+        "locator": LOCATOR_CONFIGURATION,
+        "configuration": CONFIGURATION,
+        "training_data": f"{training.get('cases')} synthetic CTs (FemurSegLib.families, mix {training.get('family_mix')}),"
+                         f" seeds {TRAIN_SEED_START}-{TRAIN_SEED_START + int(training.get('cases') or 0) - 1}, "
+                         "real femur and hip bone surfaces of the training subjects (Resources/Anatomy)",
+        "subject_split": split,
+        "held_out_data": "held-out subjects and seeds 1-999 of every family are never used for training",
+        "recipe": f"femurseg train-bundled WORK_DIR --cases {training.get('cases')} --iterations "
+                  f"{training.get('iterations')} --locator-epochs {training.get('locator_epochs')} --fine-epochs {fine}",
         "training": training,
         "held_out_metrics": held_out,
-        "limitations": "Trained on synthetic phantoms only; not validated on real CT. Correct its output before "
-                       "using it for finite-element models, and fine-tune on your own corrected cases.",
+        "limitations": "Trained on synthetic CTs rendered from real bone surfaces; not validated on real CT. "
+                       "Correct its output before using it for finite-element models, and fine-tune on your own "
+                       "corrected cases.",
     }
     write_bytes_atomic(model_dir / "model_card.json", (json.dumps(card, indent=2) + "\n").encode())
-    metrics = "pending" if not held_out else "\n".join(f"| {k} | {v:.4f} |" for k, v in held_out.items()
-                                                       if isinstance(v, (int, float)))
+    metrics = "pending" if not held_out else "\n".join(
+        f"| {family} | {key} | {value:.4f} |" for family, values in held_out.items() if isinstance(values, dict)
+        for key, value in values.items() if isinstance(value, (int, float)))
     markdown = f"""# {MODEL_NAME} v{MODEL_VERSION}
 
 {card['task']}. {card['framework']}.
 
 - **Training data:** {card['training_data']}; {card['held_out_data']}.
+- **Subjects:** training {', '.join(split['training_subjects'])}; held out {', '.join(split['held_out_subjects'])}.
 - **Recipe:** `{card['recipe']}` (2-core CPU, about {training.get('wall_minutes') or '?'} minutes).
 - **Weights:** stripped of optimizer state, fp16 (loads with `torch.load(weights_only=True)`).
 - **Limitations:** {card['limitations']}
 
-## Held-out metrics (mean over phantoms, FemurSeg engine defaults)
+## Held-out metrics (per family, FemurSeg engine defaults)
 
-| metric | value |
-|---|---|
+| family | metric | value |
+|---|---|---|
 {metrics}
 """
     write_bytes_atomic(model_dir / "MODEL_CARD.md", markdown.encode())

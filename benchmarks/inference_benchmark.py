@@ -1,13 +1,19 @@
-"""FemurSeg's engine vs stock nnUNetPredictor defaults on the same weights, side by side in one run.
+"""FemurSeg's engine vs stock nnUNetPredictor defaults on the same weights vs fill, per phantom family, side by side.
 
-Each engine runs in its own child process (so peak RSS and cold start are its own) over the same held-out
-phantoms (seeds 1..N; training used seeds >= 1000). Stock = ``nnUNetPredictor()`` defaults: test-time mirroring
-on, tile step 0.5, Gaussian weighting, the trained patch size. FemurSeg = ``inference.Segmenter`` defaults: no
-mirroring, nnU-Net's sliding window at tile step 1.0, largest component; "femurseg-mirrored" adds test-time mirroring. The parent
-scores every engine against the exact labels, scores fill and a plain threshold, and prints a table plus the speed
-ratio.
+Held-out cases only: legacy phantom seeds 1..N (training used seeds >= 1000), and ex-vivo / in-vivo renders of the
+held-out subjects (Resources/Anatomy, ``held_out=True``), seeds 1..N. Each engine runs in its own child process,
+so load time, cold start and peak RSS are its own:
 
-    python benchmarks/inference_benchmark.py [--cases 10] [--json OUT]
+- femurseg: ``inference.Segmenter`` defaults (locator, then the 1 mm network on each femur's region; no mirroring,
+  tile step 1.0, largest component per femur; sides);
+- stock: ``nnUNetPredictor()`` defaults (mirroring, tile step 0.5) with the 1 mm network over the whole CT, as a
+  plain nnU-Net user would run it; no sides, so each of its femur voxels is credited to the nearer true femur.
+
+Scores per femur: Dice, ASD, HD95 (FemurSegLib.metrics), and for in-vivo cases whether FemurSeg named the side
+right. Fill (Pahr & Zysset re-implementation) is scored the same way. ``--clinical`` adds one clinical-size in-vivo
+CT (a held-out render resampled to 512 x 512 x 300 at 0.7 x 0.7 x 0.7 mm): seconds and peak RSS of FemurSeg.
+
+    python benchmarks/inference_benchmark.py [--cases 5] [--families legacy exvivo invivo] [--clinical] [--json OUT]
 """
 
 from __future__ import annotations
@@ -23,16 +29,14 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# "femurseg-mirrored" is FemurSeg's engine with test-time mirroring (the GUI's "fast" box unticked).
-ENGINES = ("femurseg", "femurseg-mirrored", "stock")
+ENGINES = ("femurseg", "stock")
+FAMILIES = ("legacy", "exvivo", "invivo")
 sys.path.insert(0, str(REPO))
 
 
-def worker(engine: str, seeds: list[int], out_dir: Path) -> dict:
-    """Runs in a child: load the model (cold), segment every phantom (warm), record times and peak RSS.
-
-    The CTs are read from files the parent wrote, so the peak RSS is the engine's, not the phantom generator's.
-    """
+def worker(engine: str, cases: list[str], out_dir: Path, model_name: str | None) -> dict:
+    """Runs in a child: load the model (cold), segment every case (warm), record times and peak RSS."""
+    import numpy as np
     import SimpleITK as sitk
 
     started = time.perf_counter()
@@ -40,15 +44,13 @@ def worker(engine: str, seeds: list[int], out_dir: Path) -> dict:
     from FemurSegLib.inference import InferenceOptions, Segmenter
     from FemurSegLib.models import resolve_model
 
-    model = resolve_model(None)
-    if engine.startswith("femurseg"):
-        options = InferenceOptions(device="cpu", fast=engine != "femurseg-mirrored")
-        segmenter = Segmenter(model.root, options, notify=lambda message: None)
+    model = resolve_model(model_name)
+    if engine == "femurseg":
+        segmenter = Segmenter(model.root, InferenceOptions(device="cpu"), notify=lambda message: None)
 
         def predict(ct):
             return segmenter.segment(ct)
     else:
-        import numpy as np
         import torch
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
@@ -57,119 +59,202 @@ def worker(engine: str, seeds: list[int], out_dir: Path) -> dict:
         predictor.initialize_from_trained_model_folder(str(model.trained_folder), use_folds=model.folds)
 
         def predict(ct):
-            array = sitk.GetArrayFromImage(ct).astype(np.float32)[None]
-            result = predictor.predict_single_npy_array(array, {"spacing": list(reversed(ct.GetSpacing()))})
+            oriented = sitk.DICOMOrient(ct, "LPS")
+            array = sitk.GetArrayFromImage(oriented).astype(np.float32)[None]
+            result = predictor.predict_single_npy_array(array, {"spacing": list(reversed(oriented.GetSpacing()))})
             label = sitk.GetImageFromArray((np.asarray(result) == model.femur_label).astype(np.uint8))
-            label.CopyInformation(ct)
-            return label
+            label.CopyInformation(oriented)
+            return sitk.Resample(label, ct, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
 
     load_s = time.perf_counter() - started
-    times = []
-    for index, seed in enumerate(seeds):
-        ct = sitk.ReadImage(str(out_dir / f"ct_{seed}.nrrd"))
+    times, first_case_total_s = [], 0.0
+    for index, case in enumerate(cases):
+        ct = sitk.ReadImage(str(out_dir / f"{case}_ct.nrrd"))
         tick = time.perf_counter()
         label = predict(ct)
         times.append(time.perf_counter() - tick)
-        sitk.WriteImage(label, str(out_dir / f"{engine}_{seed}.nrrd"))
+        sitk.WriteImage(label, str(out_dir / f"{case}_{engine}.nrrd"), True)
         if index == 0:
             first_case_total_s = time.perf_counter() - started
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"engine": engine, "load_s": load_s, "cold_first_case_s": first_case_total_s, "times_s": times,
-            "peak_rss_gib": peak_kib / 1024**2}
+    return {"engine": engine, "load_s": load_s, "cold_first_case_s": first_case_total_s,
+            "times_s": dict(zip(cases, times)), "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}
 
 
-def run_engine(engine: str, seeds: list[int], out_dir: Path) -> dict:
-    command = [sys.executable, __file__, "--worker", engine, "--seeds", ",".join(map(str, seeds)),
-               "--out-dir", str(out_dir)]
+def run_engine(engine: str, cases: list[str], out_dir: Path, model_name: str | None) -> dict:
+    command = [sys.executable, __file__, "--worker", engine, "--worker-cases", ",".join(cases),
+               "--out-dir", str(out_dir)] + (["--model", model_name] if model_name else [])
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise SystemExit(f"{engine} worker failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def _truth_by_side(truth, info) -> dict:
+    """The true femur mask of each side (in-vivo: each piece goes to the nearer hip; else one 'femur')."""
+    import numpy as np
+    import SimpleITK as sitk
+    from scipy import ndimage
+
+    mask = sitk.GetArrayFromImage(truth) != 0
+    hips = info.get("details", {}).get("hips_lps")
+    if not hips:
+        return {"femur": mask}
+    pieces, count = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    sides = {side: np.zeros_like(mask) for side in info["sides"]}
+    for index in range(1, count + 1):
+        piece = pieces == index
+        centre = np.array(truth.TransformContinuousIndexToPhysicalPoint(np.argwhere(piece).mean(0)[::-1].tolist()))
+        nearest = min(sides, key=lambda side: np.linalg.norm(centre - np.array(hips[side])))
+        sides[nearest] |= piece
+    return sides
+
+
+def _score(truth_sides: dict, predicted, spacing, sided: bool, nearest_to: dict | None = None) -> list[dict]:
+    """Per true femur: Dice, ASD, HD95 and whether the predicted side was right (``sided``: label 1 left, 2 right)."""
+    import numpy as np
+
+    from FemurSegLib.errors import FemurSegError
+    from FemurSegLib.inference import LABEL_VALUES
+    from FemurSegLib.metrics import compare_masks
+
+    rows = []
+    for side, truth in truth_sides.items():
+        if side == "femur":
+            guess, side_right = predicted != 0, None
+        elif sided:
+            guess = predicted == LABEL_VALUES[side]
+            side_right = bool(guess.any() and (guess & truth).sum() >= 0.5 * truth.sum())
+        else:  # unsided output: the predicted voxels nearer to this femur than to the other
+            guess, side_right = (predicted != 0) & nearest_to[side], None
+        try:
+            agreement = compare_masks(truth, guess, spacing)
+            rows.append({"side": side, "dice": agreement.dice, "asd_mm": agreement.asd_mm,
+                         "hd95_mm": agreement.hd95_mm, "side_right": side_right})
+        except FemurSegError:  # nothing predicted for this femur
+            rows.append({"side": side, "dice": 0.0, "asd_mm": float("nan"), "hd95_mm": float("nan"),
+                         "side_right": side_right})
+    return rows
+
+
+def _nearest(truth_sides: dict):
+    """For unsided outputs: which voxels lie nearer to each true femur (a Voronoi split by distance)."""
+    from scipy import ndimage
+
+    if len(truth_sides) < 2:
+        return None
+    distances = {side: ndimage.distance_transform_edt(~mask) for side, mask in truth_sides.items()}
+    left, right = distances.get("left"), distances.get("right")
+    return {"left": left <= right, "right": right < left}
+
+
+def clinical_case(out_dir: Path) -> str:
+    """A held-out in-vivo render on a clinical grid: 512 x 512 x 300 voxels of 0.7 mm around its hips."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from FemurSegLib.families import generate_case
+
+    ct, _, info = generate_case("invivo", 1, held_out=True)
+    hips = np.array(list(info.details["hips_lps"].values()))
+    size, spacing = np.array([512, 512, 300]), 0.7
+    origin = hips.mean(0) - size * spacing / 2 + np.array([0.0, 0.0, -40.0])
+    reference = sitk.Image([int(v) for v in size], sitk.sitkInt16)
+    reference.SetSpacing((spacing,) * 3)
+    reference.SetOrigin(tuple(float(v) for v in origin))
+    clinical = sitk.Resample(ct, reference, sitk.Transform(), sitk.sitkLinear, -1000, sitk.sitkInt16)
+    sitk.WriteImage(clinical, str(out_dir / "clinical_ct.nrrd"), True)
+    return "clinical"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", type=int, default=10)
-    parser.add_argument("--json", type=Path)
-    parser.add_argument("--card", action="store_true", help="write the held-out metrics into the model card")
-    parser.add_argument("--worker"), parser.add_argument("--seeds"), parser.add_argument("--out-dir", type=Path)
+    parser.add_argument("--cases", type=int, default=5, help="held-out cases per family (seeds 1..N)")
+    parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
+    parser.add_argument("--clinical", action="store_true", help="add the 512 x 512 x 300 in-vivo case (FemurSeg)")
+    parser.add_argument("--model", help="model name or folder (default: the bundled model)")
+    parser.add_argument("--json", type=Path, help="write every figure as JSON")
+    parser.add_argument("--card", action="store_true", help="write the held-out means into the model card")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-cases", help=argparse.SUPPRESS)
+    parser.add_argument("--out-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, [int(s) for s in args.seeds.split(",")], args.out_dir)))
+        print(json.dumps(worker(args.worker, args.worker_cases.split(","), args.out_dir, args.model)))
         return
 
     import numpy as np
     import SimpleITK as sitk
 
-    from FemurSegLib.fill import FillParameters, compute_fill, largest_component, threshold_mask
-    from FemurSegLib.metrics import compare_images
-    from FemurSegLib.phantom import generate_phantom
+    from FemurSegLib.families import generate_case
+    from FemurSegLib.fill import compute_fill
 
-    seeds = list(range(1, args.cases + 1))
+    results: dict = {"families": {}, "runs": {}}
     with tempfile.TemporaryDirectory() as temporary:
         out_dir = Path(temporary)
-        for seed in seeds:
-            sitk.WriteImage(generate_phantom(seed)[0], str(out_dir / f"ct_{seed}.nrrd"))
-        runs = {engine: run_engine(engine, seeds, out_dir) for engine in ENGINES}
-        scores: dict[str, list] = {name: [] for name in (*ENGINES, "fill", "threshold", "agreement",
-                                                         "agreement-mirrored", "agreement-lcc")}
-        for seed in seeds:
-            ct, truth, _ = generate_phantom(seed)
-            predictions = {e: sitk.ReadImage(str(out_dir / f"{e}_{seed}.nrrd")) for e in ENGINES}
-            predictions["fill"] = compute_fill(ct, FillParameters())
-            predictions["threshold"] = threshold_mask(ct, FillParameters().threshold_hu)
-            for name, label in predictions.items():
-                scores[name].append(compare_images(truth, label))
-            scores["agreement"].append(compare_images(predictions["stock"], predictions["femurseg"]).dice)
-            scores["agreement-mirrored"].append(
-                compare_images(predictions["stock"], predictions["femurseg-mirrored"]).dice)
-            # Stock nnU-Net keeps stray islands; with FemurSeg's largest-component step applied to it too, what is
-            # left of the disagreement is the inference itself (tiles, mirroring).
-            stock_lcc = sitk.GetImageFromArray(largest_component(sitk.GetArrayFromImage(predictions["stock"]) != 0)
-                                               .astype(np.uint8))
-            stock_lcc.CopyInformation(predictions["stock"])
-            scores["agreement-lcc"].append(compare_images(stock_lcc, predictions["femurseg"]).dice)
+        infos = {}
+        for family in args.families:
+            for seed in range(1, args.cases + 1):
+                case = f"{family}{seed}"
+                ct, truth, info = generate_case(family, seed, held_out=family != "legacy")
+                sitk.WriteImage(ct, str(out_dir / f"{case}_ct.nrrd"), True)
+                sitk.WriteImage(truth, str(out_dir / f"{case}_truth.nrrd"), True)
+                infos[case] = {"family": family, "sides": list(info.sides), "details": info.details,
+                               "subjects": list(info.subjects)}
+        cases = list(infos)
+        runs = {engine: run_engine(engine, cases, out_dir, args.model) for engine in ENGINES}
+        if args.clinical:
+            runs["femurseg-clinical"] = run_engine("femurseg", [clinical_case(out_dir)], out_dir, args.model)
+        results["runs"] = runs
+        for case in cases:
+            info = infos[case]
+            truth = sitk.ReadImage(str(out_dir / f"{case}_truth.nrrd"))
+            ct = sitk.ReadImage(str(out_dir / f"{case}_ct.nrrd"))
+            spacing = tuple(reversed(truth.GetSpacing()))
+            truth_sides = _truth_by_side(truth, info)
+            nearest = _nearest(truth_sides)
+            predictions = {engine: sitk.GetArrayFromImage(sitk.ReadImage(str(out_dir / f"{case}_{engine}.nrrd")))
+                           for engine in ENGINES}
+            predictions["fill"] = sitk.GetArrayFromImage(compute_fill(ct))
+            family = results["families"].setdefault(info["family"], {name: [] for name in (*ENGINES, "fill")})
+            for name, predicted in predictions.items():
+                for row in _score(truth_sides, predicted, spacing, sided=name == "femurseg", nearest_to=nearest):
+                    family[name].append({"case": case, "seconds": runs.get(name, {}).get("times_s", {}).get(case),
+                                         **row})
 
-    def mean(name: str, key: str) -> float:
-        return float(np.mean([getattr(a, key) for a in scores[name]]))
-
-    print(f"held-out phantoms: seeds {seeds[0]}-{seeds[-1]} ({len(seeds)} cases), CPU threads {os.cpu_count()}")
-    print(f"{'method':26s}{'Dice':>9s}{'min Dice':>10s}{'sens':>8s}{'spec':>8s}{'ASD mm':>9s}{'HD95 mm':>9s}")
-    for name in (*ENGINES, "fill", "threshold"):
-        dices = [a.dice for a in scores[name]]
-        print(f"{name:26s}{np.mean(dices):9.4f}{np.min(dices):10.4f}{mean(name, 'sensitivity'):8.4f}"
-              f"{mean(name, 'specificity'):8.4f}{mean(name, 'asd_mm'):9.4f}{mean(name, 'hd95_mm'):9.3f}")
-    wins = int(sum(f.dice > max(t.dice, g.dice) for f, t, g in zip(scores["femurseg"], scores["fill"], scores["threshold"])))
-    print(f"FemurSeg beats fill and threshold on {wins}/{len(seeds)} cases (Dice)")
-    for key, label in (("agreement", "FemurSeg vs stock"), ("agreement-mirrored", "FemurSeg mirrored vs stock"),
-                       ("agreement-lcc", "FemurSeg vs stock + largest component")):
-        print(f"Dice agreement {label}: mean {np.mean(scores[key]):.4f}, min {np.min(scores[key]):.4f}")
-    print(f"{'engine':26s}{'load s':>9s}{'cold 1st s':>12s}{'warm s/vol':>12s}{'peak RSS GiB':>14s}")
-    for engine in ENGINES:
-        run = runs[engine]
-        warm = float(np.median(run["times_s"][1:] or run["times_s"]))
-        run["warm_median_s"] = warm
-        print(f"{engine:26s}{run['load_s']:9.2f}{run['cold_first_case_s']:12.2f}{warm:12.2f}{run['peak_rss_gib']:14.2f}")
-    ratio = runs["stock"]["warm_median_s"] / runs["femurseg"]["warm_median_s"]
-    print(f"speed-up (warm, stock / FemurSeg): {ratio:.1f}x")
+    print(f"held-out cases, seeds 1-{args.cases} per family, CPU threads {os.cpu_count()}")
+    print(f"{'family':8s} {'method':10s}{'femurs':>7s}{'Dice':>8s}{'min':>8s}{'ASD mm':>8s}{'HD95 mm':>9s}"
+          f"{'side ok':>9s}{'s/case':>8s}")
+    summary = {}
+    for family, methods in results["families"].items():
+        summary[family] = {}
+        for name, rows in methods.items():
+            dices = [r["dice"] for r in rows]
+            sided = [r["side_right"] for r in rows if r["side_right"] is not None]
+            seconds = [r["seconds"] for r in rows if r["seconds"] is not None]
+            summary[family][name] = {"dice": float(np.mean(dices)), "min_dice": float(np.min(dices)),
+                                     "asd_mm": float(np.nanmean([r["asd_mm"] for r in rows])),
+                                     "hd95_mm": float(np.nanmean([r["hd95_mm"] for r in rows]))}
+            side_text = f"{sum(sided)}/{len(sided)}" if sided else "-"
+            seconds_text = f"{np.median(seconds):8.1f}" if seconds else f"{'-':>8s}"
+            print(f"{family:8s} {name:10s}{len(rows):7d}{np.mean(dices):8.4f}{np.min(dices):8.4f}"
+                  f"{summary[family][name]['asd_mm']:8.3f}{summary[family][name]['hd95_mm']:9.2f}{side_text:>9s}"
+                  f"{seconds_text}")
+        wins = sum(f["dice"] > g["dice"] for f, g in zip(methods["femurseg"], methods["fill"]))
+        print(f"{family:8s} FemurSeg beats fill on {wins}/{len(methods['femurseg'])} femurs (Dice)")
+    print(f"{'engine':18s}{'load s':>8s}{'cold 1st s':>12s}{'warm s/vol':>12s}{'peak RSS GiB':>14s}")
+    for engine, run in runs.items():
+        times = list(run["times_s"].values())
+        warm = float(np.median(times[1:] or times))
+        print(f"{engine:18s}{run['load_s']:8.2f}{run['cold_first_case_s']:12.2f}{warm:12.2f}{run['peak_rss_gib']:14.2f}")
     if args.json:
-        summary = {"seeds": seeds, "runs": runs, "speedup_warm": ratio,
-                   "mean": {n: {k: mean(n, k) for k in ("dice", "sensitivity", "specificity", "asd_mm", "hd95_mm")}
-                            for n in (*ENGINES, "fill", "threshold")},
-                   "min_dice": {n: float(np.min([a.dice for a in scores[n]])) for n in (*ENGINES, "fill", "threshold")},
-                   "agreement_dice_mean": float(np.mean(scores["agreement"])),
-                   "agreement_mirrored_dice_mean": float(np.mean(scores["agreement-mirrored"])),
-                   "agreement_vs_stock_lcc_dice_mean": float(np.mean(scores["agreement-lcc"])), "wins": wins}
-        args.json.write_text(json.dumps(summary, indent=2))
+        args.json.write_text(json.dumps({"summary": summary, **results}, indent=2, default=str))
     if args.card:
         from FemurSegLib.models import resolve_model
         from FemurSegLib.training import write_model_card
 
-        model = resolve_model(None)
-        held_out = {f"{key} (mean, seeds {seeds[0]}-{seeds[-1]})": mean("femurseg", key)
-                    for key in ("dice", "sensitivity", "specificity", "asd_mm", "hd95_mm")}
-        held_out["min dice"] = float(np.min([a.dice for a in scores["femurseg"]]))
-        held_out["warm seconds per volume (2-core CPU)"] = runs["femurseg"]["warm_median_s"]
+        model = resolve_model(args.model)
+        held_out = {family: {**values["femurseg"], "fill dice": values["fill"]["dice"]}
+                    for family, values in summary.items()}
         write_model_card(model.root, model.card.get("training", {}), held_out)
 
 
