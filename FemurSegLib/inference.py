@@ -117,13 +117,14 @@ class Segmenter:
 
     def __init__(self, model_folder: str | os.PathLike, options: InferenceOptions = InferenceOptions(),
                  notify: Callable[[str], None] = print) -> None:
-        from .models import validate_model_folder
+        from .models import require_loadable_checkpoints, validate_model_folder
 
         if not 0 < options.tile_step_size <= 1:
             raise FemurSegError(f"Tile step {options.tile_step_size} is out of range: give a fraction of the patch "
                                 "in (0, 1], e.g. 1.0 (fewest tiles, the default) or 0.5 (nnU-Net's default).")
         self.options = options
         self.model = validate_model_folder(Path(model_folder))
+        require_loadable_checkpoints(self.model)  # nnU-Net's loader below runs any code pickled into a checkpoint
         os.environ.setdefault("nnUNet_n_proc_DA", "1")  # keeps nnunetv2 from shelling out to `hostname`
         import torch
 
