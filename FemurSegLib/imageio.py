@@ -252,16 +252,33 @@ def check_output_path(path: str | os.PathLike, inputs: tuple[str | os.PathLike, 
         if same:
             raise FemurSegError(f"{what} '{path}' is the input '{source}'; writing it would destroy the input. "
                                 "Choose another output name.")
-    folder = path.parent
-    if not folder.is_dir():
-        raise FemurSegError(f"Output folder '{folder}' does not exist; create it first.")
-    try:  # a real write, not os.access: it also sees read-only mounts, ACLs and (as root) nothing
-        handle, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=folder)
+    if not path.parent.is_dir():
+        raise FemurSegError(f"Output folder '{path.parent}' does not exist; create it first.")
+    _require_writable(path.parent)
+    return path
+
+
+def prepare_output_folder(folder: str | os.PathLike) -> Path:
+    """Create ``folder`` if needed and make sure files can be written into it, before any work."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise FemurSegError(f"Output folder '{folder}' is a file; choose a folder name.")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise FemurSegError(f"Cannot create the output folder '{folder}' ({error.strerror or error}).") from None
+    _require_writable(folder)
+    return folder
+
+
+def _require_writable(folder: Path) -> None:
+    """A real write, not os.access: it also sees read-only mounts and ACLs, and is not fooled by running as root."""
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".femurseg-probe-", dir=folder)
         os.close(handle)
         os.unlink(probe)
     except OSError as error:
         raise FemurSegError(f"Cannot write into '{folder}' ({error.strerror or error}); choose a writable folder.") from None
-    return path
 
 
 def same_grid(a: sitk.Image, b: sitk.Image, tolerance: float = 1e-4) -> bool:

@@ -188,8 +188,6 @@ def grow_dataset(work_dir: Path, total_cases: int) -> None:
 
 def add_recipe_arguments(parser) -> None:
     """The recipe's options, shared by ``femurseg train-bundled`` and ``python -m FemurSegLib.training``."""
-    from .models import DEFAULT_MODEL
-
     parser.add_argument("work_dir", type=Path)
     parser.add_argument("--cases", type=int, default=40, help="phantoms of the first two phases (and the plans)")
     parser.add_argument("--epochs", type=int, default=36)
@@ -205,13 +203,15 @@ def add_recipe_arguments(parser) -> None:
                         help="optional stage 2 for whole-volume inference (0: skip, as the bundled model does)")
     parser.add_argument("--stage", choices=["data", "plan", "train", "grow", "finetune", "bundle", "all"],
                         default="all")
-    parser.add_argument("--model-dir", type=Path, default=Path("Resources/Models") / DEFAULT_MODEL,
-                        help="where to bundle the trained model")
+    parser.add_argument("--model-dir", type=Path,
+                        help=f"new folder for the trained model (default WORK_DIR/{MODEL_NAME}-v{MODEL_VERSION}); "
+                             "a model bundled with FemurSeg is never overwritten")
 
 
 def run_recipe(args) -> None:
     """Run the recipe's stages named by ``args.stage`` (see ``add_recipe_arguments``)."""
     from .errors import FemurSegError
+    from .models import BUNDLED_MODELS_DIR
 
     schedule = [args.epochs, args.extend_epochs, *args.grow_epochs]
     if any(later <= earlier for earlier, later in zip(schedule, schedule[1:])):
@@ -221,6 +221,14 @@ def run_recipe(args) -> None:
     if args.grow_epochs and args.grow_cases < args.cases:
         raise FemurSegError(f"--grow-cases {args.grow_cases} is fewer than --cases {args.cases}; give the total "
                             "number of phantoms after growing, e.g. 200.")
+    model_dir = (args.model_dir or args.work_dir / f"{MODEL_NAME}-v{MODEL_VERSION}").resolve()
+    bundled = BUNDLED_MODELS_DIR.resolve()
+    if model_dir.exists() and (model_dir.is_relative_to(bundled) or bundled.is_relative_to(model_dir)):
+        raise FemurSegError(
+            f"--model-dir '{model_dir}' holds a model bundled with FemurSeg, which train-bundled never overwrites. "
+            f"Give a new folder (default WORK_DIR/{MODEL_NAME}-v{MODEL_VERSION}); review the result, then copy it "
+            "into Resources/Models yourself."
+        )
     work_dir = args.work_dir.resolve()
     set_nnunet_paths(work_dir)
     started = time.time()
@@ -246,14 +254,14 @@ def run_recipe(args) -> None:
                        FINE_TUNE_LEARNING_RATE, start_from=stage_one)
         print(f"fine-tuned into {output} after {time.time() - started:.0f} s", flush=True)
     if args.stage in ("bundle", "all"):
-        target = bundle_model(work_dir, args.model_dir)
+        target = bundle_model(work_dir, model_dir)
         training = {"cases": args.cases, "epochs": args.epochs, "extend_epochs": args.extend_epochs,
                     "grow_cases": args.grow_cases, "grow_epochs": args.grow_epochs, "iterations": args.iterations,
                     "patch_size": PATCH_SIZE, "batch_size": BATCH_SIZE,
                     "fine_tune_epochs": args.fine_tune_epochs, "fine_tune_patch_size": FINE_TUNE_PATCH_SIZE,
                     "fine_tune_learning_rate": FINE_TUNE_LEARNING_RATE,
                     "wall_minutes": round((time.time() - started) / 60) if args.stage == "all" else None}
-        write_model_card(args.model_dir, training, held_out=None)
+        write_model_card(model_dir, training, held_out=None)
         print(f"bundled into {target}; run benchmarks/inference_benchmark.py --card to add held-out metrics")
 
 
