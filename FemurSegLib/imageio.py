@@ -61,6 +61,7 @@ def read_image(path: str | os.PathLike, what: str = "image") -> sitk.Image:
     try:
         reader.ReadImageInformation()
     except RuntimeError as error:
+        _check_complete(path, named)  # a file cut inside its header: say "truncated", not "unknown format"
         raise FemurSegError(
             f"{named} could not be read as an image (NRRD, NIfTI or MHA expected): {_last_line(error, 'unknown reader error')}"
         ) from None
@@ -240,11 +241,6 @@ def check_output_path(path: str | os.PathLike, inputs: tuple[str | os.PathLike, 
     """Refuse an output path before any work: an input file, a folder, a missing or read-only folder, or (for
     images) a format that is not one 3D volume file. Returns the path."""
     path = Path(path)
-    if suffixes is not None and image_suffix(path) not in suffixes:
-        raise FemurSegError(f"{what} '{path}' must end in {', '.join(suffixes)}: other formats (e.g. .png) cannot "
-                            "hold a 3D label.")
-    if path.is_dir():
-        raise FemurSegError(f"{what} '{path}' is a folder; give a file name inside it.")
     for source in inputs:
         source = Path(source)
         same = path.resolve() == source.resolve() or (
@@ -252,6 +248,11 @@ def check_output_path(path: str | os.PathLike, inputs: tuple[str | os.PathLike, 
         if same:
             raise FemurSegError(f"{what} '{path}' is the input '{source}'; writing it would destroy the input. "
                                 "Choose another output name.")
+    if suffixes is not None and image_suffix(path) not in suffixes:
+        raise FemurSegError(f"{what} '{path}' must end in {', '.join(suffixes)}: other formats (e.g. .png) cannot "
+                            "hold a 3D label.")
+    if path.is_dir():
+        raise FemurSegError(f"{what} '{path}' is a folder; give a file name inside it.")
     if not path.parent.is_dir():
         raise FemurSegError(f"Output folder '{path.parent}' does not exist; create it first.")
     _require_writable(path.parent)

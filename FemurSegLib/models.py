@@ -17,6 +17,7 @@ changed file loses the trust, and a trust file that came with a folder or zip is
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -311,6 +312,7 @@ def install_model(source: Path, name: str | None = None, trust_pickle: bool = Fa
     final = target_dir / name
     if final.exists():
         raise FemurSegError(f"A model named '{name}' is already installed; remove it first or choose another name.")
+    created = not target_dir.exists()
     try:
         target_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target_dir))
@@ -336,11 +338,13 @@ def install_model(source: Path, name: str | None = None, trust_pickle: bool = Fa
                       "checkpoints": {p.relative_to(staging).as_posix(): _sha256(p) for p in checkpoints.values()}}
             (staging / TRUST_FILE).write_text(json.dumps(record, indent=2) + "\n")
         os.replace(staging, final)
-    except FemurSegError as error:  # name the user's zip or folder, not the staging folder that is deleted now
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
-        raise FemurSegError(str(error).replace(str(staging), str(source))) from None
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if created:  # a refused first install leaves no empty models folder behind
+            with contextlib.suppress(OSError):
+                target_dir.rmdir()
+        if isinstance(error, FemurSegError):  # name the user's zip or folder, not the deleted staging folder
+            raise FemurSegError(str(error).replace(str(staging), str(source))) from None
         raise
     return validate_model_folder(final, name=name)
 

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import SimpleITK as sitk
 
 from ..dataset import CASE_NAME, DATASET_FOLDER
 from ..errors import FemurSegError
-from ..imageio import IMAGE_SUFFIXES, image_suffix
+from ..imageio import IMAGE_SUFFIXES, image_suffix, read_ct, read_label
 
 DEFAULT_MAX_UPLOAD_BYTES = 512 * 1024**2
 
@@ -70,10 +69,9 @@ def check_upload_size(name: str, size: int, max_bytes: int) -> None:
         )
 
 
-def validated_upload(name: str, content: bytes, max_bytes: int, folder: Path, what: str,
-                     reader: Callable[[Path, str], sitk.Image]) -> tuple[Path, sitk.Image]:
-    """Write an upload to a temporary file in ``folder`` and read it back with ``reader`` (imageio.read_ct for a CT,
-    read_label for a label: the same checks as the command line).
+def validated_upload(name: str, content: bytes, max_bytes: int, folder: Path, kind: str) -> tuple[Path, sitk.Image]:
+    """Write an upload (``kind``: "ct", or "fill" for a fill label) to a temporary file in ``folder`` and read it
+    back with the command line's checks (imageio.read_ct or read_label).
 
     The file keeps the upload's image extension (SimpleITK picks its reader by it); on refusal it is removed.
     """
@@ -86,7 +84,7 @@ def validated_upload(name: str, content: bytes, max_bytes: int, folder: Path, wh
     try:
         with os.fdopen(handle, "wb") as file:
             file.write(content)
-        image = reader(path, f"The uploaded {what}")
+        image = read_ct(path, "The uploaded CT") if kind == "ct" else read_label(path, "The uploaded fill label")
     except FemurSegError as error:  # name the upload, not the server's temporary file
         path.unlink(missing_ok=True)
         raise FemurSegError(str(error).replace(f"'{path}'", f"'{name}'").replace(str(path), name)) from None

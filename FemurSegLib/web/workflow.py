@@ -129,9 +129,7 @@ class Workflow:
             name = str(file.get("name", "upload"))
             content = file.get("content") or b""
             content = bytes(content) if not isinstance(content, bytes) else content
-            path, image = validated_upload(name, content, self.max_upload_bytes, self.work_dir,
-                                           "CT" if kind == "ct" else "fill label",
-                                           read_ct if kind == "ct" else read_label)
+            path, image = validated_upload(name, content, self.max_upload_bytes, self.work_dir, kind)
             if kind == "ct":
                 self._load_ct(path, image, name)
             else:

@@ -24,7 +24,6 @@ import pytest
 import SimpleITK as sitk
 
 from FemurSegLib.errors import FemurSegError
-from FemurSegLib.imageio import read_ct
 from FemurSegLib.web.safety import dataset_dir_inside, resolve_inside, validated_upload
 
 REPO = Path(__file__).resolve().parents[2]
@@ -61,14 +60,14 @@ def test_paths_and_uploads_are_checked(tmp_path):
         with pytest.raises(FemurSegError):
             resolve_inside(bad, [root], "CT")
     with pytest.raises(FemurSegError, match="limited"):
-        validated_upload("big.nrrd", b"0" * 2048, 1024, tmp_path, "CT", read_ct)
+        validated_upload("big.nrrd", b"0" * 2048, 1024, tmp_path, "ct")
     with pytest.raises(FemurSegError, match="could not be read") as refused:
-        validated_upload("notes.nrrd", b"just text", 1024, tmp_path, "CT", read_ct)
+        validated_upload("notes.nrrd", b"just text", 1024, tmp_path, "ct")
     assert str(tmp_path) not in str(refused.value)
     flat = sitk.Image(8, 8, sitk.sitkInt16)
     sitk.WriteImage(flat, str(tmp_path / "flat.nrrd"))
     with pytest.raises(FemurSegError, match="2D"):
-        validated_upload("flat.nrrd", (tmp_path / "flat.nrrd").read_bytes(), 1 << 20, tmp_path, "CT", read_ct)
+        validated_upload("flat.nrrd", (tmp_path / "flat.nrrd").read_bytes(), 1 << 20, tmp_path, "ct")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["flat.nrrd", "root"]  # refused uploads removed
 
 
