@@ -304,7 +304,7 @@ def require_same_grid(reference: sitk.Image, other: sitk.Image, reference_name: 
     if not same_grid(reference, other):
         raise FemurSegError(
             f"{other_name} is not on the same voxel grid as {reference_name}: "
-            f"{describe_grid(other)} vs {describe_grid(reference)}. Resample it onto the {reference_name} first."
+            f"{describe_grid(other)} vs {describe_grid(reference)}. Resample it onto the grid of {reference_name} first."
         )
 
 

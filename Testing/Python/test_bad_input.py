@@ -528,6 +528,11 @@ def _(folder: Path) -> Attempt:
     return export_attempt(folder, label=write(folder, "three.nrrd", (ct_array() > 0).astype(np.uint8) * 3))
 
 
+@case("export a label on another voxel grid", "not on the same voxel grid as the CT.* onto the grid of the CT")
+def _(folder: Path) -> Attempt:
+    return export_attempt(folder, label=write(folder, "shifted.nrrd", (ct_array() > 0).astype(np.uint8), (1, 1, 2)))
+
+
 @case("export into a dataset whose dataset.json is corrupt", "does not parse as JSON")
 def _(folder: Path) -> Attempt:
     attempt = export_attempt(folder)
@@ -711,5 +716,6 @@ def test_bad_input_is_refused_in_one_line_and_changes_nothing(name: str, tmp_pat
     if outcome.cli:
         assert lines[0].startswith("femurseg: error: "), lines[0]
     assert re.search(message, lines[0]), lines[0]
+    assert not re.search(r"\bthe the\b", lines[0], re.IGNORECASE), lines[0]
     assert not (tmp_path / MARKER).exists(), "the hostile checkpoint's code ran"
     assert snapshot(*watched) == before, "a file changed, appeared or vanished"

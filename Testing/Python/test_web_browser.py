@@ -221,6 +221,19 @@ def test_refusals_leave_the_server_up(web_server, browser, tmp_path):
     assert "femurseg-web-" not in page.message()  # the server's temporary file is not shown
     page.dismiss()
 
+    truncated = tmp_path / "cut.nii.gz"  # ITK would read the missing half as zeros
+    sitk.WriteImage(sitk.GetImageFromArray(np.arange(24**3, dtype=np.int16).reshape(24, 24, 24)), str(truncated))
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    page.upload(truncated)
+    page.expect("The uploaded CT 'cut.nii.gz' is truncated")
+    page.dismiss()
+
+    blank = tmp_path / "nan.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(np.full((24, 24, 24), np.nan, np.float32)), str(blank))
+    page.upload(blank)
+    page.expect("has 13,824 NaN or infinite voxels")
+    page.dismiss()
+
     page.type("fs-path", "/etc/passwd")
     page.click("fs-open-path")
     page.expect("outside the folders this server may read")
