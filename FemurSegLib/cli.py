@@ -246,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("demo", help="segment the bundled sample CT, run fill, compare and write a report")
-    p.add_argument("--out", default="demo-output", help="folder for labels, metrics.json and PNGs (default demo-output)")
+    p.add_argument("--out", default="demo-output",
+                   help="folder for labels, metrics.json and PNGs (default demo-output)")
     p.add_argument("--device", default="auto", choices=DEVICES, help="where to run nnU-Net (default auto)")
     p.set_defaults(func=_cmd_demo)
 

@@ -63,7 +63,8 @@ def read_image(path: str | os.PathLike, what: str = "image") -> sitk.Image:
     except RuntimeError as error:
         _check_complete(path, named)  # a file cut inside its header: say "truncated", not "unknown format"
         raise FemurSegError(
-            f"{named} could not be read as an image (NRRD, NIfTI or MHA expected): {_last_line(error, 'unknown reader error')}"
+            f"{named} could not be read as an image (NRRD, NIfTI or MHA expected): "
+            f"{_last_line(error, 'unknown reader error')}"
         ) from None
     _check_layout(reader.GetDimension(), reader.GetNumberOfComponents(), reader.GetSize(), named)
     _check_complete(path, named)
@@ -135,7 +136,7 @@ def _check_complete(path: Path, what: str) -> None:
 
 
 def _stream_length(handle, decompressor=None) -> int:
-    """Bytes left in ``handle``, after decompressing when given a zlib decompressor (EOFError if the stream ends early)."""
+    """Bytes left in ``handle``, decompressed when given a zlib decompressor (EOFError if its stream ends early)."""
     length = 0
     for block in iter(lambda: handle.read(1 << 22), b""):
         length += len(decompressor.decompress(block)) if decompressor else len(block)
@@ -279,7 +280,8 @@ def _require_writable(folder: Path) -> None:
         os.close(handle)
         os.unlink(probe)
     except OSError as error:
-        raise FemurSegError(f"Cannot write into '{folder}' ({error.strerror or error}); choose a writable folder.") from None
+        raise FemurSegError(
+            f"Cannot write into '{folder}' ({error.strerror or error}); choose a writable folder.") from None
 
 
 def same_grid(a: sitk.Image, b: sitk.Image, tolerance: float = 1e-4) -> bool:
@@ -304,7 +306,8 @@ def require_same_grid(reference: sitk.Image, other: sitk.Image, reference_name: 
     if not same_grid(reference, other):
         raise FemurSegError(
             f"{other_name} is not on the same voxel grid as {reference_name}: "
-            f"{describe_grid(other)} vs {describe_grid(reference)}. Resample it onto the grid of {reference_name} first."
+            f"{describe_grid(other)} vs {describe_grid(reference)}. Resample it onto the grid of {reference_name} "
+            "first."
         )
 
 
@@ -331,7 +334,8 @@ def atomic_path(final_path: str | os.PathLike) -> Iterator[Path]:
     try:
         handle, temporary = tempfile.mkstemp(prefix=f".{final_path.name}.", suffix=f".part{suffix}", dir=folder)
     except OSError as error:
-        raise FemurSegError(f"Cannot write into '{folder}' ({error.strerror or error}); choose a writable folder.") from None
+        raise FemurSegError(
+            f"Cannot write into '{folder}' ({error.strerror or error}); choose a writable folder.") from None
     os.close(handle)
     temporary_path = Path(temporary)
     try:

@@ -156,7 +156,8 @@ def _check_plans_classes(configurations: dict, path: Path) -> None:
         arguments = architecture.get("arch_kwargs", {})
         named = [architecture.get("network_class_name")]
         named += [arguments.get(key) for key in architecture.get("_kw_requires_import", [])]
-        foreign = [n for n in named if n is not None and not (isinstance(n, str) and n.startswith(ALLOWED_CLASS_PREFIXES))]
+        foreign = [n for n in named
+                   if n is not None and not (isinstance(n, str) and n.startswith(ALLOWED_CLASS_PREFIXES))]
         if foreign:
             raise FemurSegError(
                 f"plans.json '{path}' configuration '{name}' names {foreign[0]!r}, outside the packages a model may "
@@ -197,7 +198,8 @@ def needs_full_pickle(checkpoint: Path) -> bool:
     except pickle.UnpicklingError:  # a global outside torch's allow-list: only the full loader could open it
         return True
     except Exception as error:  # noqa: BLE001 - torch raises many types for damaged files
-        raise corrupt(f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}".rstrip(": ")) from None
+        first_line = str(error).splitlines()[0] if str(error) else ""
+        raise corrupt(f"{type(error).__name__}: {first_line}".rstrip(": ")) from None
     weights = content.get("network_weights") if isinstance(content, dict) else None
     if not isinstance(weights, dict) or not isinstance(content.get("trainer_name"), str) \
             or "configuration" not in (content.get("init_args") or {}):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import gzip
 import hashlib
 import io
 import json
@@ -540,7 +539,7 @@ def _(folder: Path) -> Attempt:
     return attempt
 
 
-# --- the Slicer module's logic on a real scene -------------------------------------------------------------------------
+# --- the Slicer module's logic on a real scene ---------------------------------------------------------------
 
 @functools.cache
 def bundled_segmenter():
@@ -676,7 +675,7 @@ def _(folder: Path) -> Attempt:
     return upload(folder, folder / "slice.png")
 
 
-# --- the suite ---------------------------------------------------------------------------------------------------------
+# --- the suite -----------------------------------------------------------------------------------------------
 
 def snapshot(*folders: Path) -> dict[str, str]:
     """SHA-256 of every file and a mark for every folder and link, by path; the exporter's lock file aside."""

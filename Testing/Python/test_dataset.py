@@ -533,7 +533,8 @@ def test_sigkill_at_every_step_of_a_replace_leaves_the_old_or_the_new_case(tmp_p
     old_bytes = {hashlib.sha256(p.read_bytes()).hexdigest() for p in (template / "imagesTr" / "S1_0000.nii.gz",
                                                                        template / "labelsTr" / "S1.nii.gz")}
     done = subprocess.run([sys.executable, "-c", STEP_WORKER, str(template), str(tmp_path / "runs")],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)})
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)})
     assert done.returncode == 0, done.stderr
     folders = [Path(line) for line in done.stdout.split()]
     assert len(folders) >= 15, f"only {len(folders) - 1} kill points: {done.stdout}"
