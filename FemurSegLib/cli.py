@@ -1,7 +1,8 @@
 """The ``femurseg`` command line: every sub-command is a thin call into FemurSegLib.
 
-Errors the user can fix (FemurSegError) print as one line on stderr with exit code 2, never as a traceback,
-and no output file is left behind (all writes are atomic).
+Errors the user can fix (FemurSegError, and argparse's usage errors) print as one line on stderr with exit
+code 2, never as a traceback, and no output file is left behind (all writes are atomic). Output paths are
+checked before any work: a run that cannot write its result, or would overwrite its input, does not start.
 """
 
 from __future__ import annotations
@@ -15,10 +16,34 @@ from .errors import FemurSegError
 from .training import add_recipe_arguments
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors in FemurSeg's one-line form (argparse prints usage plus a line)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"femurseg: error: {message} (see: {self.prog} --help)\n")
+
+
+def _count(text: str) -> int:
+    """A non-negative integer argument."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port {value} is outside 1-65535")
+    return value
+
+
 def _cmd_phantom(args: argparse.Namespace) -> None:
     from .families import generate_case
-    from .imageio import write_image
+    from .imageio import check_output_path, write_image
 
+    check_output_path(args.out_ct, what="Output CT")
+    check_output_path(args.out_label, (args.out_ct,), what="Output label")
     ct, label, info = generate_case(args.family, args.seed, held_out=args.held_out)
     write_image(ct, args.out_ct)
     write_image(label, args.out_label)
@@ -39,19 +64,23 @@ def _fill_parameters(args: argparse.Namespace):
 
 def _cmd_fill(args: argparse.Namespace) -> None:
     from .fill import compute_fill
-    from .imageio import read_image, write_image
+    from .imageio import check_output_path, read_ct, write_image
 
-    ct = read_image(args.ct, "CT")
-    fill = compute_fill(ct, _fill_parameters(args))
+    check_output_path(args.out_label, (args.ct,))
+    parameters = _fill_parameters(args)
+    ct = read_ct(args.ct)
+    fill = compute_fill(ct, parameters)
     write_image(fill, args.out_label)
     print(f"fill ({args.threshold:g} HU) -> {args.out_label}")
 
 
 def _cmd_compare(args: argparse.Namespace) -> None:
-    from .imageio import read_image, write_bytes_atomic
+    from .imageio import check_output_path, read_label, write_bytes_atomic
     from .metrics import compare_images
 
-    agreement = compare_images(read_image(args.reference, "reference"), read_image(args.other, "segmentation"))
+    if args.json:
+        check_output_path(args.json, (args.reference, args.other), suffixes=(".json",), what="JSON output")
+    agreement = compare_images(read_label(args.reference, "reference"), read_label(args.other, "segmentation"))
     values = agreement.as_dict()
     for key, value in values.items():
         print(f"{key:22s} {value:.6f}")
@@ -77,11 +106,12 @@ def _progress_printer(json_lines: bool):
 
 
 def _cmd_segment(args: argparse.Namespace) -> None:
-    from .imageio import read_image, write_image
+    from .imageio import check_output_path, read_ct, write_image
     from .inference import InferenceOptions, Segmenter
     from .models import resolve_model
 
-    ct = read_image(args.ct, "CT")
+    check_output_path(args.out_label, (args.ct,))
+    ct = read_ct(args.ct)
     model = resolve_model(args.model)
     notify = (lambda message: print(json.dumps({"message": message}), flush=True)) if args.progress_json \
         else (lambda message: print(message, file=sys.stderr))
@@ -122,7 +152,10 @@ def _cmd_models(args: argparse.Namespace) -> None:
 def _cmd_export(args: argparse.Namespace) -> None:
     from .dataset import export_case
 
-    result = export_case(args.ct, args.label, Path(args.dataset_dir), args.case, test=args.test, replace=args.replace)
+    result = export_case(args.ct, args.label, Path(args.dataset_dir), args.case, test=args.test, replace=args.replace,
+                         force=args.force)
+    for path in result.recovered:
+        print(f"recovered from an interrupted export: {path}")
     print(f"exported case '{result.case}' ({result.split}) into {result.dataset_dir}: "
           f"{result.image_path.name}, {result.label_path.name}; numTraining {result.num_training}")
     if result.replaced_dir:
@@ -149,41 +182,52 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="femurseg", description="Proximal femur segmentation in CT.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    from .inference import DEVICES
+
+    parser = _Parser(prog="femurseg", description="Proximal femur segmentation in CT.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    volume = "(.nrrd, .nii.gz, .nii or .mha)"
 
     p = sub.add_parser("phantom", help="write a synthetic proximal femur CT and its exact label")
-    p.add_argument("out_ct", help="where to write the CT (.nrrd, .nii.gz, .mha)")
-    p.add_argument("out_label", help="where to write its exact femur label")
+    p.add_argument("out_ct", help=f"CT to write {volume}")
+    p.add_argument("out_label", help=f"exact femur label to write {volume}")
     p.add_argument("--family", choices=["legacy", "exvivo", "invivo"], default="legacy",
                    help="legacy: SDF phantom (the sample's kind); exvivo: real femur shape, potted, any pose; "
                         "invivo: clinical hip CT with both femurs and the pelvis")
-    p.add_argument("--seed", type=int, default=1, help="the same seed always gives the same case")
+    p.add_argument("--seed", type=_count, default=1, help="phantom number; the same seed gives the same volume")
     p.add_argument("--held-out", action="store_true",
                    help="use held-out subjects' shapes (never used for training; for testing a model)")
     p.set_defaults(func=_cmd_phantom)
 
     p = sub.add_parser("fill", help="the classic threshold-and-morphology fill segmentation")
-    p.add_argument("ct"), p.add_argument("out_label")
-    p.add_argument("--threshold", type=float, default=350.0, help="bone threshold in HU (default 350)")
-    p.add_argument("--closing-mm", type=float, default=1.0)
-    p.add_argument("--max-ray-mm", type=float, default=30.0)
-    p.add_argument("--max-open", type=int, default=1, help="open ray directions (of 8) still counted as enclosed")
+    p.add_argument("ct", help=f"CT in HU {volume}")
+    p.add_argument("out_label", help=f"fill label to write {volume}")
+    p.add_argument("--threshold", type=float, default=350.0, help="bone threshold in HU, -1000 to 3000 (default 350)")
+    p.add_argument("--closing-mm", type=float, default=1.0,
+                   help="radius of the closing that bridges cortical gaps, 0 to 5 mm (default 1)")
+    p.add_argument("--max-ray-mm", type=float, default=30.0,
+                   help="how far the enclosure rays look for bone, up to 100 mm (default 30)")
+    p.add_argument("--max-open", type=int, default=1,
+                   help="open ray directions (of 8) still counted as enclosed, 0 to 7 (default 1)")
     p.set_defaults(func=_cmd_fill)
 
     p = sub.add_parser("compare", help="Dice, sensitivity, specificity, ASD, HD95 and volumes of two labels")
-    p.add_argument("reference"), p.add_argument("other"), p.add_argument("--json")
+    p.add_argument("reference", help="reference label (non-zero = femur), e.g. the truth or the corrected label")
+    p.add_argument("other", help="label to compare with it, on the same voxel grid")
+    p.add_argument("--json", help="also write the numbers to this .json file")
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("segment", help="segment a CT with an nnU-Net femur model")
-    p.add_argument("ct"), p.add_argument("out_label")
+    p.add_argument("ct", help=f"CT in HU {volume}")
+    p.add_argument("out_label", help=f"femur label to write {volume}")
     p.add_argument("--model", help="installed model name or model folder (default: the bundled model)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--device", default="auto", choices=DEVICES,
+                   help="where to run: auto (GPU if any, else CPU), cpu, cuda or mps (default auto)")
     p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
                    help="skip test-time mirroring (default on; --no-fast mirrors 8x slower)")
     p.add_argument("--tile-step", type=float, default=1.0,
-                   help="nnU-Net's sliding-window step as a fraction of the patch (default 1.0: fewest tiles; "
-                        "nnU-Net's own default 0.5 is ~1.5x slower and slightly more accurate)")
+                   help="nnU-Net's sliding-window step as a fraction of the patch, in (0, 1] (default 1.0: fewest "
+                        "tiles; nnU-Net's own default 0.5 is ~1.5x slower and slightly more accurate)")
     p.add_argument("--whole-volume", action="store_true",
                    help="one tile over the whole volume (only for models trained on near-whole-volume patches)")
     p.add_argument("--side", choices=["both", "left", "right"], default="both",
@@ -193,24 +237,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_segment)
 
     p = sub.add_parser("models", help="list, install or remove models")
-    p.add_argument("action", choices=["list", "install", "remove"]), p.add_argument("target", nargs="?")
-    p.add_argument("--name"), p.add_argument("--trust", action="store_true",
-                                             help="allow checkpoints that need the full pickle loader")
+    p.add_argument("action", choices=["list", "install", "remove"], help="what to do")
+    p.add_argument("target", nargs="?", help="install: a model zip (nnUNetv2_export_model_to_zip) or folder; "
+                                             "remove: the installed model's name")
+    p.add_argument("--name", help="install under this name (default: the zip or folder name)")
+    p.add_argument("--trust", action="store_true",
+                   help="install checkpoints that need Python's full pickle loader, which can run code hidden in "
+                        "them: only for models from a source you trust")
     p.set_defaults(func=_cmd_models)
 
     p = sub.add_parser("export", help="add a CT and its corrected label to an nnU-Net raw dataset")
-    p.add_argument("ct"), p.add_argument("label"), p.add_argument("dataset_dir")
-    p.add_argument("--case", required=True), p.add_argument("--test", action="store_true")
-    p.add_argument("--replace", action="store_true")
+    p.add_argument("ct", help=f"CT in HU {volume}")
+    p.add_argument("label", help="its corrected femur label (0 = background, one value = femur), on the CT's grid")
+    p.add_argument("dataset_dir", help="dataset folder .../nnUNet_raw/DatasetNNN_Name (created if missing)")
+    p.add_argument("--case", required=True, help="case name: letters, digits, '_' and '-', e.g. F7L_fall")
+    p.add_argument("--test", action="store_true", help="add it as a test case (imagesTs/labelsTs)")
+    p.add_argument("--replace", action="store_true",
+                   help="replace an existing case of that name (its old files go to femurseg/replaced/)")
+    p.add_argument("--force", action="store_true",
+                   help="export a label that is empty or covers most of the volume (refused otherwise)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("demo", help="segment the bundled sample CT, run fill, compare and write a report")
-    p.add_argument("--out", default="demo-output"), p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="demo-output",
+                   help="folder for labels, metrics.json and PNGs (default demo-output)")
+    p.add_argument("--device", default="auto", choices=DEVICES, help="where to run nnU-Net (default auto)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("web", help="serve FemurSeg in the browser (trame-slicer)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback only)")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--port", type=_port, default=8080, help="port to serve on (default 8080)")
     p.add_argument("--datasets-root", help="exports are confined to this folder (default ~/FemurSeg-datasets)")
     p.set_defaults(func=_cmd_web)
 
@@ -226,6 +282,10 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except FemurSegError as error:
         print(f"femurseg: error: {error}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(f"femurseg: error: out of memory in '{args.command}'; use a smaller or cropped volume, or a machine "
+              "with more memory.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("femurseg: interrupted", file=sys.stderr)

@@ -14,24 +14,30 @@ Layout: nnU-Net's, plus FemurSeg's own files, which nnU-Net never looks at::
 Crash safety. nnU-Net enumerates cases by the images in imagesTr, demands a label for each and numTraining equal
 to their count. An export therefore first writes and fsyncs every new file into a hidden staging folder
 ``DATASET_DIR/.femurseg-staging-*`` (not beside the final names: a half-written ``.x.part.nii.gz`` in imagesTr
-ends in file_ending and nnU-Net would count it as a case), then publishes them by renames, atomic on one
-filesystem, in this order: (replace only) the case's old image, then its old label and provenance, into
-femurseg/replaced/; the new label; the new image; dataset.json (when numTraining changes); the provenance.
+ends in file_ending and nnU-Net would count it as a case), then writes the staging folder's ``journal.json``:
+the list of renames that publish the export, in this order: (replace only) the case's old image, then its old
+label and provenance, into femurseg/replaced/; the new label; the new image; dataset.json (when numTraining
+changes); the provenance. The journal's appearance (a rename) is the commit point; the renames follow, each
+atomic on one filesystem and fsynced.
 
 Invariant, wherever the process is killed: every image in imagesTr/imagesTs has beside it the complete label
-from the same export, so for nnU-Net each case is fully present or fully absent; no image, label or provenance
-is ever deleted or overwritten (old versions are moved aside); dataset.json is always complete and parseable
-(replaced by a rename), though a brand-new dataset has none until its first export reaches that step. The only
-things a kill can leave wrong are numTraining (off by one from the first rename in imagesTr to the dataset.json
-rename), a label whose image never came (invisible to nnU-Net) and a staging folder. Every export, under the
-lock, first removes staging folders, moves orphan images and labels into femurseg/recovered/ and recomputes
-numTraining from the files (``recover_dataset`` does only that); then verify_dataset_integrity passes again.
+from the same export, so for nnU-Net each case is fully present or fully absent, never old image with new label;
+no image, label or provenance is ever deleted or overwritten (old versions are moved aside); dataset.json is
+always complete and parseable (replaced by a rename), though a brand-new dataset has none until its first export
+reaches that step. Every export, under the lock, first recovers (``recover_dataset`` does only that): a staging
+folder without a journal (killed before the commit) is removed, so the dataset holds what it held before; one
+with a journal is replayed to its end (renames already done are skipped), so a killed ``replace`` ends with
+the new case complete and the old one in femurseg/replaced/, never with the case gone; orphan images and labels
+go to femurseg/recovered/ and numTraining is recomputed from the files. Between the kill and that recovery a
+replaced case can be absent (numTraining then disagrees, so nnU-Net's verifier fails loudly), never mixed.
 
 Refusals raise FemurSegError before the first rename and leave the dataset byte for byte as it was, except the
 lock file, the empty folder of a dataset that did not exist, and the crash leftovers cleared as above.
 The label must be binary: 0 is background and every other voxel holds one same value, 1 or the dataset's femur
-value; a label with several non-zero values is refused, since which one is the femur would be a guess. It is
-written as uint8 holding the femur value on exactly the CT's grid; the CT is written in its own pixel type.
+value; a label with several non-zero values is refused, since which one is the femur would be a guess. A label
+that is empty or covers more than MAX_LABEL_FRACTION of the volume is refused unless ``force`` (a threshold or
+an inverted mask is not a femur). It is written as uint8 holding the femur value on exactly the CT's grid; the
+CT is written in its own pixel type.
 """
 
 from __future__ import annotations
@@ -54,7 +60,8 @@ from filelock import FileLock, Timeout
 
 from . import __version__
 from .errors import FemurSegError
-from .imageio import check_volume, label_image_like, mask_array, read_image, require_same_grid, write_bytes_atomic
+from .imageio import (check_ct, check_label, label_image_like, mask_array, read_ct, read_label, require_same_grid,
+                      write_bytes_atomic)
 
 DATASET_FOLDER = re.compile(r"Dataset\d{3}_[A-Za-z0-9_\-]+")
 CASE_NAME = re.compile(r"[A-Za-z0-9_\-]+")
@@ -64,6 +71,8 @@ SPLITS = {"train": ("imagesTr", "labelsTr"), "test": ("imagesTs", "labelsTs")}
 FEMURSEG_FOLDER = "femurseg"
 LOCK_FILE = ".femurseg.lock"
 STAGING_PREFIX = ".femurseg-staging-"
+JOURNAL = "journal.json"
+MAX_LABEL_FRACTION = 0.5
 LOCK_TIMEOUT_S = 600.0
 
 
@@ -79,18 +88,19 @@ class ExportResult:
     provenance_path: Path
     num_training: int
     replaced_dir: Path | None  # where the case's previous files went (replace=True)
-    recovered: tuple[Path, ...]  # leftovers of interrupted exports moved aside before this one
+    recovered: tuple[Path, ...]  # what recovery before this export moved: orphans aside, an interrupted export's files
 
 
 def export_case(ct: sitk.Image | str | os.PathLike, label: sitk.Image | str | os.PathLike,
                 dataset_dir: str | os.PathLike, case: str, test: bool = False, replace: bool = False,
                 provenance: dict[str, Any] | None = None, label_name: str = "femur", file_ending: str = ".nii.gz",
-                description: str | None = None) -> ExportResult:
+                description: str | None = None, force: bool = False) -> ExportResult:
     """Add one case (CT + femur label) to the dataset, creating it if needed; see the module docstring.
 
     ``provenance`` holds what only the caller knows (model name/version of the draft, fill parameters, metrics
     of draft vs exported label, ...); source file names, time, version, split and paths are added here.
     ``label_name``, ``file_ending`` and ``description`` are used only when the dataset is created.
+    ``force`` exports a label that is empty or covers most of the volume (refused otherwise).
     """
     dataset_dir = Path(dataset_dir)
     _check_dataset_dir(dataset_dir)
@@ -100,16 +110,16 @@ def export_case(ct: sitk.Image | str | os.PathLike, label: sitk.Image | str | os
     ct_image, ct_source = _load_volume(ct, "CT")
     label_image, label_source = _load_volume(label, "label")
     require_same_grid(ct_image, label_image, "the CT", "the label")
-    _check_finite(ct_image)
-    foreground = _foreground_value(label_image)
+    foreground = _foreground_value(label_image, force)
     record = {**(provenance or {})}
     record.setdefault("sources", {"ct": ct_source, "label": label_source})
     _check_serialisable(record)
     try:
         dataset_dir.mkdir(exist_ok=True)
         with _locked(dataset_dir):
+            recovered = _finish_interrupted(dataset_dir)
             dataset_json, json_exists = _load_dataset_json(dataset_dir, label_name, file_ending, description)
-            recovered = _recover(dataset_dir, dataset_json, json_exists)
+            recovered += _recover(dataset_dir, dataset_json, json_exists)
             femur_value = _femur_value(foreground, dataset_json, dataset_dir)
             label_image = label_image_like(mask_array(label_image), ct_image, femur_value)
             return _export_locked(dataset_dir, dataset_json, json_exists, ct_image, label_image, case,
@@ -119,14 +129,15 @@ def export_case(ct: sitk.Image | str | os.PathLike, label: sitk.Image | str | os
 
 
 def recover_dataset(dataset_dir: str | os.PathLike) -> list[Path]:
-    """Clear what an interrupted export left (see the module docstring); returns where orphans were moved."""
+    """Finish or clear what an interrupted export left (see the module docstring); returns the paths it moved."""
     dataset_dir = Path(dataset_dir)
     _check_dataset_dir(dataset_dir)
     if not dataset_dir.is_dir():
         raise FemurSegError(f"Dataset folder '{dataset_dir}' does not exist; check the path.")
     with _locked(dataset_dir):
+        moved = _finish_interrupted(dataset_dir)
         dataset_json, json_exists = _load_dataset_json(dataset_dir, "femur", FILE_ENDINGS[0], None)
-        return _recover(dataset_dir, dataset_json, json_exists)
+        return moved + _recover(dataset_dir, dataset_json, json_exists)
 
 
 def _export_locked(dataset_dir: Path, dataset_json: dict[str, Any], json_exists: bool, ct_image: sitk.Image,
@@ -137,8 +148,8 @@ def _export_locked(dataset_dir: Path, dataset_json: dict[str, Any], json_exists:
     old_files = _case_files(dataset_dir, case, ending)
     if not replace and any(path.parent.name != FEMURSEG_FOLDER for path in old_files):
         raise FemurSegError(
-            f"Case '{case}' already exists in '{dataset_dir}'; choose another case name or pass replace "
-            "(the old files are then kept in femurseg/replaced/)."
+            f"Case '{case}' already exists in '{dataset_dir}'; choose another case name, or replace it (--replace; "
+            "the old files are then kept in femurseg/replaced/)."
         )
     image_folder, label_folder = SPLITS[split]
     image_path = dataset_dir / image_folder / f"{case}_0000{ending}"
@@ -153,7 +164,8 @@ def _export_locked(dataset_dir: Path, dataset_json: dict[str, Any], json_exists:
                   femurseg_version=__version__, files={"image": _relative(image_path, dataset_dir),
                                                        "label": _relative(label_path, dataset_dir)},
                   replaced=_relative(replaced_dir, dataset_dir) if replaced_dir else None)
-    with _staging(dataset_dir) as staging:
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=dataset_dir))
+    try:
         staged = {label_path: staging / f"label{ending}", image_path: staging / f"image{ending}"}
         _stage_image(label_image, staged[label_path])
         _stage_image(ct_image, staged[image_path])
@@ -162,23 +174,33 @@ def _export_locked(dataset_dir: Path, dataset_json: dict[str, Any], json_exists:
         staged[provenance_path] = _stage_bytes(staging / "provenance.json", _json_bytes(record))
         for folder in {*SPLITS["train"], image_folder, label_folder, FEMURSEG_FOLDER}:
             (dataset_dir / folder).mkdir(exist_ok=True)
-        for old in old_files:
-            _move(old, replaced_dir / old.parent.name / old.name)
-        for final, temporary in staged.items():
-            _move(temporary, final)
+        renames = [(old, replaced_dir / old.parent.name / old.name) for old in old_files] + \
+            [(temporary, final) for final, temporary in staged.items()]
+        _stage_bytes(staging / f"{JOURNAL}.part", _json_bytes(
+            {"case": case, "renames": [[_relative(a, dataset_dir), _relative(b, dataset_dir)] for a, b in renames]}))
+        _move(staging / f"{JOURNAL}.part", staging / JOURNAL)  # the commit point
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    try:
+        _replay(dataset_dir, staging)
+    except OSError as error:  # committed: recovery finishes it, so the message must not say "unchanged"
+        reason = error.strerror or str(error)
+        raise FemurSegError(
+            f"Export of case '{case}' into '{dataset_dir}' stopped while publishing its files ({reason}); they are "
+            "staged, and the next export into this dataset (or recover_dataset) completes it."
+        ) from None
     return ExportResult(dataset_dir, case, split, image_path, label_path, provenance_path, len(train_cases),
                         replaced_dir, tuple(recovered))
 
 
 def _recover(dataset_dir: Path, dataset_json: dict[str, Any], json_exists: bool) -> list[Path]:
-    """Undo what a killed export left: staging folders, orphan images/labels, a stale numTraining."""
-    for leftover in dataset_dir.glob(f"{STAGING_PREFIX}*"):
-        shutil.rmtree(leftover, ignore_errors=True)
+    """Move orphan images and labels aside and fix a stale numTraining (after _finish_interrupted)."""
+    moved = []
     for leftover in dataset_dir.glob(".dataset.json.*.part.json"):  # write_bytes_atomic's temporary file
         leftover.unlink()
     ending = dataset_json["file_ending"]
     target = dataset_dir / FEMURSEG_FOLDER / "recovered" / _stamp(datetime.now(timezone.utc))
-    moved = []
     for image_folder, label_folder in SPLITS.values():
         images = _files_by_case(dataset_dir / image_folder, ending, channel=True)
         labels = _files_by_case(dataset_dir / label_folder, ending, channel=False)
@@ -192,6 +214,31 @@ def _recover(dataset_dir: Path, dataset_json: dict[str, Any], json_exists: bool)
         dataset_json["numTraining"] = num_training
         write_bytes_atomic(dataset_dir / "dataset.json", _json_bytes(dataset_json))
     return moved
+
+
+def _finish_interrupted(dataset_dir: Path) -> list[Path]:
+    """Replay the staging folders that hold a journal (committed exports), remove the others; returns what moved."""
+    moved = []
+    for staging in sorted(dataset_dir.glob(f"{STAGING_PREFIX}*")):
+        if (staging / JOURNAL).is_file():
+            moved += _replay(dataset_dir, staging)
+        shutil.rmtree(staging, ignore_errors=True)
+    return moved
+
+
+def _replay(dataset_dir: Path, staging: Path) -> list[Path]:
+    """Do the journal's renames that are not done yet, in order, then remove the staging folder; returns the
+    destinations it renamed into. A staged file still in staging is not published yet; an old file goes to
+    femurseg/replaced/ only while its backup does not exist (after the backup, a new file holds its name)."""
+    journal = json.loads((staging / JOURNAL).read_bytes())
+    done = []
+    for source, destination in journal["renames"]:
+        source, destination = dataset_dir / source, dataset_dir / destination
+        if source.exists() and (source.parent == staging or not destination.exists()):
+            _move(source, destination)
+            done.append(destination)
+    shutil.rmtree(staging)
+    return done
 
 
 def _files_by_case(folder: Path, ending: str, channel: bool) -> dict[str, list[Path]]:
@@ -276,7 +323,8 @@ def _femur_value(foreground: int, dataset_json: dict[str, Any], dataset_dir: Pat
     if foreground not in (1, value):
         raise FemurSegError(
             f"The label's femur voxels have value {foreground}, which is not in {dataset_dir / 'dataset.json'}'s "
-            f"labels {dataset_json['labels']}; mark the femur with {value} ('{name}') or 1, background with 0."
+            f"labels {dataset_json['labels']}; mark the femur with {' or '.join(dict.fromkeys(map(str, (value, 1))))} "
+            f"('{name}') and the background with 0."
         )
     return value
 
@@ -311,28 +359,34 @@ def _check_case_name(case: str) -> None:
 
 
 def _load_volume(source: sitk.Image | str | os.PathLike, what: str) -> tuple[sitk.Image, str | None]:
-    """The image and, when it came from a file, that file's name for the provenance."""
+    """The CT or label, checked as one (see imageio.check_ct/check_label), and its file name for the provenance."""
     if isinstance(source, sitk.Image):
-        check_volume(source, f"The {what}")
+        (check_ct if what == "CT" else check_label)(source, f"The {what}")
         return source, None
-    return read_image(source, what), Path(source).name
+    return (read_ct if what == "CT" else read_label)(source, what), Path(source).name
 
 
-def _check_finite(ct_image: sitk.Image) -> None:
-    """nnU-Net rejects NaN voxels, so they would make the dataset invalid."""
-    if not np.isfinite(sitk.GetArrayViewFromImage(ct_image)).all():
-        raise FemurSegError("The CT contains NaN or infinite voxels; replace them (e.g. with -1024 HU) first.")
-
-
-def _foreground_value(label_image: sitk.Image) -> int:
-    values = np.unique(sitk.GetArrayViewFromImage(label_image))
+def _foreground_value(label_image: sitk.Image, force: bool) -> int:
+    """The label's single femur value (1 for an empty label exported with ``force``)."""
+    voxels = sitk.GetArrayViewFromImage(label_image)
+    values = np.unique(voxels)
     foreground = values[values != 0]
     if foreground.size == 0:
-        raise FemurSegError("The label is empty (every voxel is 0); segment the femur before exporting.")
-    if foreground.size > 1 or foreground[0] != int(foreground[0]):
+        if force:
+            return 1
+        raise FemurSegError("The label is empty (every voxel is 0): nothing marks the femur. Segment it first, or "
+                            "export a case without femur on purpose with force (--force).")
+    if foreground.size > 1:
+        shown = ", ".join(f"{v:g}" for v in values[:6]) + (", ..." if values.size > 6 else "")
         raise FemurSegError(
-            f"The label has values {values.tolist()}; a femur label must be binary (0 = background, one value = "
-            "femur). Merge or remove the other segments first."
+            f"The label has {values.size} different values ({shown}); a femur label must be binary (0 = background, "
+            "one value = femur). Merge or remove the other segments first."
+        )
+    fraction = np.count_nonzero(voxels) / voxels.size
+    if fraction > MAX_LABEL_FRACTION and not force:
+        raise FemurSegError(
+            f"The label covers {fraction:.0%} of the volume; a femur covering most of its CT is likely a threshold or "
+            "an inverted mask. Check it, or export it anyway with force (--force)."
         )
     return int(foreground[0])
 
@@ -356,15 +410,6 @@ def _locked(dataset_dir: Path) -> Iterator[None]:
             f"Another export into '{dataset_dir}' has held {LOCK_FILE} for {LOCK_TIMEOUT_S:.0f} s; wait for it to "
             "finish, then export again."
         ) from None
-
-
-@contextlib.contextmanager
-def _staging(dataset_dir: Path) -> Iterator[Path]:
-    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=dataset_dir))
-    try:
-        yield staging
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _stage_image(image: sitk.Image, path: Path) -> Path:

@@ -14,7 +14,7 @@ from pathlib import Path
 import SimpleITK as sitk
 
 from .fill import FillParameters, compute_fill, threshold_mask
-from .imageio import read_image, write_bytes_atomic, write_image
+from .imageio import prepare_output_folder, read_image, write_bytes_atomic, write_image
 from .metrics import compare_images
 from .models import BUNDLED_MODELS_DIR, DEFAULT_MODEL
 
@@ -36,7 +36,7 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
 def run_demo(out_dir: Path, device: str = "auto") -> dict[str, dict[str, float]]:
     from .report import montage_png, overlay_png
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    prepare_output_folder(out_dir)
     ct = read_image(SAMPLE_CT, "sample CT")
     truth = read_image(SAMPLE_LABEL, "sample label")
     masks: dict[str, sitk.Image] = {"truth": truth}

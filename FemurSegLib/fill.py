@@ -25,23 +25,40 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from .errors import FemurSegError
 from .imageio import check_volume, label_image_like
 
 _IN_PLANE_DIRECTIONS = ((1, 0), (-1, 0), (0, 1), (0, -1), (1, 1), (1, -1), (-1, 1), (-1, -1))
 
 
+# Bounds on the parameters: beyond them the result is meaningless or the closing ball outgrows memory (a 30 mm
+# closing raised MemoryError). The threshold range is the Slicer module's.
+THRESHOLD_HU_RANGE = (-1000.0, 3000.0)
+MAX_CLOSING_MM = 5.0
+MAX_RAY_MM = 100.0
+MAX_CLOSING_VOXELS = 20
+
+
 @dataclass(frozen=True)
 class FillParameters:
+    """The fill's settings; out-of-range values raise ValueError with the allowed range."""
+
     threshold_hu: float = 350.0
     closing_radius_mm: float = 1.0
     max_ray_mm: float = 30.0
     max_open_directions: int = 1
 
     def __post_init__(self) -> None:
+        low, high = THRESHOLD_HU_RANGE
+        if not low <= self.threshold_hu <= high:
+            raise ValueError(f"threshold {self.threshold_hu:g} HU is outside {low:g} to {high:g} HU")
+        if not 0 <= self.closing_radius_mm <= MAX_CLOSING_MM:
+            raise ValueError(f"closing radius {self.closing_radius_mm:g} mm is outside 0 to {MAX_CLOSING_MM:g} mm "
+                             "(cortical gaps are about 1 mm)")
+        if not 0 < self.max_ray_mm <= MAX_RAY_MM:
+            raise ValueError(f"maximum ray length {self.max_ray_mm:g} mm is outside (0, {MAX_RAY_MM:g}] mm")
         if not 0 <= self.max_open_directions < 8:
-            raise ValueError("max_open_directions must be between 0 and 7")
-        if self.max_ray_mm <= 0 or self.closing_radius_mm < 0:
-            raise ValueError("max_ray_mm must be positive and closing_radius_mm not negative")
+            raise ValueError(f"open directions {self.max_open_directions} is outside 0 to 7 (of 8 directions)")
 
 
 def _shift(mask: np.ndarray, offset: tuple[int, int, int]) -> np.ndarray:
@@ -104,6 +121,9 @@ def fill_mask(ct_hu: np.ndarray, spacing_zyx: tuple[float, float, float], parame
     bone = largest_component(bone)
     if parameters.closing_radius_mm > 0:
         radii = [max(1, int(round(parameters.closing_radius_mm / s))) for s in spacing_zyx]
+        if max(radii) > MAX_CLOSING_VOXELS:
+            raise FemurSegError(f"A closing radius of {parameters.closing_radius_mm:g} mm is {max(radii)} voxels at "
+                                f"this spacing, over the {MAX_CLOSING_VOXELS} that fit in memory; lower it.")
         zz, yy, xx = np.ogrid[-radii[0] : radii[0] + 1, -radii[1] : radii[1] + 1, -radii[2] : radii[2] + 1]
         ball = (zz * spacing_zyx[0]) ** 2 + (yy * spacing_zyx[1]) ** 2 + (xx * spacing_zyx[2]) ** 2 <= (
             parameters.closing_radius_mm**2 + 1e-6

@@ -36,8 +36,12 @@ class FemurCheck:
     warnings: tuple[str, ...]
 
 
-def check_ct(ct: sitk.Image) -> list[str]:
-    """Reasons ``ct`` does not look like a CT in Hounsfield units (empty list: it does)."""
+def ct_warnings(ct: sitk.Image) -> list[str]:
+    """Reasons ``ct`` does not look like a CT in Hounsfield units (empty list: it does).
+
+    For a CT that imageio.check_ct accepted (finite, not blank, not tiny): that one refuses what cannot be
+    segmented at all, this one names what can be run but probably should not be trusted.
+    """
     size = np.array(ct.GetSize())
     spacing = np.array(ct.GetSpacing())
     extent = size * spacing
@@ -51,13 +55,8 @@ def check_ct(ct: sitk.Image) -> list[str]:
                         f"{SPACING_RANGE_MM[0]:g}-{SPACING_RANGE_MM[1]:g} mm of a CT; check the file's header")
     values = sitk.GetArrayViewFromImage(ct)
     sample = np.asarray(values[:: max(1, values.shape[0] // 64)], dtype=np.float32)
-    finite = sample[np.isfinite(sample)]
-    if finite.size == 0:
-        return problems + ["the image holds no finite values (all NaN or infinite)"]
-    low, high = np.percentile(finite, [0.5, 99.9])
-    if high - low < 1.0:
-        return problems + [f"the image is constant ({low:g} everywhere): there is nothing to segment"]
-    median = float(np.median(finite))
+    low, high = np.percentile(sample, [0.5, 99.9])
+    median = float(np.median(sample))
     if low >= -10.0 and 700.0 <= median <= 1400.0 and high <= 5000.0:
         problems.append(f"values run from {low:.0f} to {high:.0f} with median {median:.0f}: this looks "
                         "like raw scanner numbers without the rescale offset (water ~1000 instead of 0); convert to "

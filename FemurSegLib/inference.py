@@ -39,8 +39,8 @@ from scipy import ndimage
 
 from .errors import FemurSegError
 from .fill import largest_component
-from .guard import check_ct, check_femur
-from .imageio import check_volume
+from .guard import check_femur, ct_warnings
+from .imageio import check_ct
 
 ProgressCallback = Callable[[float, str], None]
 
@@ -218,7 +218,7 @@ class Segmenter:
 
     def __init__(self, model_folder: str | os.PathLike, options: InferenceOptions = InferenceOptions(),
                  notify: Callable[[str], None] = print) -> None:
-        from .models import validate_model_folder
+        from .models import require_loadable_checkpoints, validate_model_folder
 
         if not 0 < options.tile_step_size <= 1:
             raise FemurSegError(f"Tile step {options.tile_step_size} is out of range: give a fraction of the patch "
@@ -227,6 +227,7 @@ class Segmenter:
             raise FemurSegError(f"Side '{options.side}' is not one of {', '.join(SIDES)}.")
         self.options = options
         self.model = validate_model_folder(Path(model_folder))
+        require_loadable_checkpoints(self.model)  # nnU-Net's loader below runs any code pickled into a checkpoint
         os.environ.setdefault("nnUNet_n_proc_DA", "1")  # keeps nnunetv2 from shelling out to `hostname`
         import torch
 
@@ -254,17 +255,13 @@ class Segmenter:
     def run(self, ct: sitk.Image, progress: ProgressCallback | None = None,
             cancel: threading.Event | None = None) -> SegmentationResult:
         """Femurs of ``ct``: label on ``ct``'s grid, sides, checks. Raises InferenceCancelled if ``cancel`` is set."""
-        check_volume(ct, "CT")
+        check_ct(ct, "CT")
         report = progress or (lambda fraction, stage: None)
         cancel = cancel or threading.Event()
         report(0.0, "preparing")
-        ct_warnings = check_ct(ct)
-        if any("no finite values" in w or "constant" in w for w in ct_warnings):
-            report(1.0, "done")
-            return self._empty(ct, [*ct_warnings, NO_FEMUR])
+        warnings_before = ct_warnings(ct)
         oriented = sitk.DICOMOrient(ct, "LPS") if ct.GetDirection() != (1, 0, 0, 0, 1, 0, 0, 0, 1) else ct
         array = sitk.GetArrayFromImage(oriented).astype(np.float32)
-        np.nan_to_num(array, copy=False, nan=-1000.0, posinf=3000.0, neginf=-1000.0)
         spacing = np.array(oriented.GetSpacing()[::-1], dtype=float)
         steps = _Steps(report, cancel)
 
@@ -277,7 +274,7 @@ class Segmenter:
             raise InferenceCancelled()
         report(0.96, "checking")
         femurs, label = self._assemble(femur_masks, oriented, spacing)
-        all_warnings = list(ct_warnings) + [w for f in femurs for w in f.warnings]
+        all_warnings = warnings_before + [w for f in femurs for w in f.warnings]
         if not femurs:
             all_warnings.append(NO_FEMUR)
         result_label = sitk.GetImageFromArray(label)
@@ -306,8 +303,7 @@ class Segmenter:
     def _locate_and_segment(self, oriented: sitk.Image, array: np.ndarray, spacing: np.ndarray,
                             steps: "_Steps") -> list[np.ndarray]:
         coarse = _resample_to_spacing(oriented, self.locator.spacing[::-1], sitk.sitkLinear, -1000.0)
-        coarse_array = sitk.GetArrayFromImage(coarse).astype(np.float32)
-        np.nan_to_num(coarse_array, copy=False, nan=-1000.0)
+        coarse_array = sitk.GetArrayFromImage(coarse)
         steps.plan([self.locator.calls(coarse_array.shape, self.locator.spacing)])
         located = self.locator.probability(coarse_array, self.locator.spacing, steps.on_conv) >= 0.5
         pieces = self._components(located, self.locator.spacing)
@@ -357,11 +353,6 @@ class Segmenter:
             check = check_femur(mask, tuple(spacing), side if side != "femur" else "the femur")
             femurs.append(Femur(side=side, value=value, volume_ml=check.volume_ml, warnings=check.warnings))
         return femurs, label
-
-    def _empty(self, ct: sitk.Image, reasons: list[str]) -> SegmentationResult:
-        label = sitk.Image(ct.GetSize(), sitk.sitkUInt8)
-        label.CopyInformation(ct)
-        return SegmentationResult(label=label, femurs=(), warnings=tuple(reasons))
 
 
 class _Steps:

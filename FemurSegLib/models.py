@@ -5,15 +5,24 @@ A model is an nnU-Net results folder: ``DatasetXXX_Name/<Trainer>__<Plans>__<con
 ``nnUNetv2_export_model_to_zip`` packs. The bundled model lives in ``Resources/Models/<name>-v<version>/``
 with a model card; user models are installed into a per-user folder (``FEMURSEG_MODELS_DIR`` overrides it).
 
-Zips and checkpoints from users are untrusted: extraction refuses absolute paths, ``..``, links and oversized
-archives, and every checkpoint is first opened with ``torch.load(weights_only=True)``, which cannot run code.
-A checkpoint that needs the full pickle loader is refused unless the user says they trust its source.
+Zips and model folders from users are untrusted: extraction refuses absolute paths, ``..``, links and oversized
+archives, and plans.json may only name network classes from dynamic_network_architectures and torch.nn (nnU-Net
+imports whatever it names). nnU-Net itself loads checkpoints with ``torch.load(weights_only=False)``, which runs
+any code pickled into the file, so :func:`require_loadable_checkpoints` is the gate every front end passes
+(``inference.Segmenter`` calls it): each checkpoint must be an intact PyTorch zip (CRCs, a well-formed pickle)
+that loads with ``torch.load(weights_only=True)``, which cannot run code, unless the user trusted that exact
+file at install (``--trust``): its SHA-256 is then recorded in the installed folder's ``TRUST_FILE``, so a
+changed file loses the trust, and a trust file that came with a folder or zip is never honoured.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+import pickle
+import pickletools
 import re
 import shutil
 import tempfile
@@ -27,6 +36,9 @@ from .errors import FemurSegError
 BUNDLED_MODELS_DIR = Path(__file__).resolve().parent.parent / "Resources" / "Models"
 DEFAULT_MODEL = "FemurPhantom3dSmall-v3"
 MAX_ZIP_BYTES = 4 * 1024**3
+TRUST_FILE = ".femurseg-trust.json"
+# plans.json names classes that nnU-Net imports and calls with plans.json's arguments; only these packages may be named.
+ALLOWED_CLASS_PREFIXES = ("dynamic_network_architectures.", "torch.nn.")
 
 
 @dataclass(frozen=True)
@@ -131,6 +143,7 @@ def validate_model_folder(root: Path, name: str | None = None, bundled: bool = F
             f"plans.json in '{trained}' has no configuration '{configuration}' "
             f"(it has {sorted(plans.get('configurations', {}))})."
         )
+    _check_plans_classes(plans["configurations"], trained / "plans.json")
     folds = tuple(sorted(p.name.removeprefix("fold_") for p in trained.glob("fold_*") if p.is_dir()))
     if not folds:
         raise FemurSegError(f"Model '{trained}' has no fold_N folder; the trained weights are missing.")
@@ -147,15 +160,106 @@ def validate_model_folder(root: Path, name: str | None = None, bundled: bool = F
     )
 
 
-def check_checkpoint_safe(checkpoint: Path) -> bool:
-    """True when the checkpoint opens with the weights-only loader (cannot run code when loaded)."""
+def _check_plans_classes(configurations: dict, path: Path) -> None:
+    """Refuse class names nnU-Net would import from anywhere (``pydoc.locate``) before it builds the network."""
+    for name, configuration in configurations.items():
+        architecture = configuration.get("architecture", {}) if isinstance(configuration, dict) else {}
+        arguments = architecture.get("arch_kwargs", {})
+        named = [architecture.get("network_class_name")]
+        named += [arguments.get(key) for key in architecture.get("_kw_requires_import", [])]
+        foreign = [n for n in named
+                   if n is not None and not (isinstance(n, str) and n.startswith(ALLOWED_CLASS_PREFIXES))]
+        if foreign:
+            raise FemurSegError(
+                f"plans.json '{path}' configuration '{name}' names {foreign[0]!r}, outside the packages a model may "
+                f"use ({', '.join(p.rstrip('.') for p in ALLOWED_CLASS_PREFIXES)}); refused, since nnU-Net would "
+                "import and run it."
+            )
+
+
+def checkpoint_paths(model: ModelInfo) -> dict[str, Path]:
+    """Each fold's checkpoint file by fold name (the locator's as "locator")."""
+    paths = {fold: model.trained_folder / f"fold_{fold}" / model.checkpoint_name for fold in model.folds}
+    if model.locator_folder is not None:
+        paths["locator"] = model.locator_folder / "fold_all" / model.checkpoint_name
+    return paths
+
+
+def needs_full_pickle(checkpoint: Path) -> bool:
+    """False for an intact nnU-Net checkpoint that the weights-only loader opens; True when it needs the full pickle
+    loader (which can run code); FemurSegError saying "corrupt" for anything else. Nothing in the file is run."""
     import torch
 
+    def corrupt(detail: str) -> FemurSegError:
+        return FemurSegError(f"Checkpoint '{checkpoint}' is corrupt ({detail}); re-export or download the model again.")
+
     try:
-        torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - any unpickling refusal means "needs the full loader"
-        return False
-    return True
+        with zipfile.ZipFile(checkpoint) as archive:
+            damaged = archive.testzip()  # the weights-only loader does not check CRCs: a flipped byte would load
+            pickled = [name for name in archive.namelist() if name.endswith("/data.pkl") or name == "data.pkl"]
+            if damaged is not None:
+                raise corrupt(f"CRC error in {damaged}")
+            if len(pickled) != 1:
+                raise corrupt("no data.pkl inside: not a PyTorch checkpoint")
+            for _ in pickletools.genops(archive.read(pickled[0])):  # parses opcodes only, runs nothing
+                pass
+    except (zipfile.BadZipFile, EOFError, ValueError) as error:
+        raise corrupt(f"{str(error) or type(error).__name__}; not an intact PyTorch zip checkpoint") from None
+    except OSError as error:
+        raise FemurSegError(f"Checkpoint '{checkpoint}' cannot be read: {error.strerror or error}.") from None
+    try:
+        content = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # a global outside torch's allow-list: only the full loader could open it
+        return True
+    except Exception as error:  # noqa: BLE001 - torch raises many types for damaged files
+        first_line = str(error).splitlines()[0] if str(error) else ""
+        raise corrupt(f"{type(error).__name__}: {first_line}".rstrip(": ")) from None
+    weights = content.get("network_weights") if isinstance(content, dict) else None
+    if not isinstance(weights, dict) or not isinstance(content.get("trainer_name"), str) \
+            or "configuration" not in (content.get("init_args") or {}):
+        raise corrupt("no network_weights, trainer_name and init_args: not an nnU-Net checkpoint")
+    return False
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _trusted_hashes(model: ModelInfo) -> dict[str, str]:
+    """The checkpoint hashes the user trusted at install; empty for a folder used in place (its own file is ignored)."""
+    root = model.root.resolve()
+    if root.parent != user_models_dir().resolve() or not (root / TRUST_FILE).is_file():
+        return {}
+    try:
+        record = json.loads((root / TRUST_FILE).read_text())
+        return {str(k): str(v) for k, v in record["checkpoints"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def require_loadable_checkpoints(model: ModelInfo) -> None:
+    """The gate before nnU-Net's ``torch.load(weights_only=False)``: raise unless every checkpoint is intact and
+    weights-only loadable, or is the very file the user trusted when installing the model."""
+    trusted = _trusted_hashes(model)
+    for fold, path in checkpoint_paths(model).items():
+        if not needs_full_pickle(path):
+            continue
+        relative = path.relative_to(model.root).as_posix()
+        if relative in trusted:
+            if trusted[relative] == _sha256(path):
+                continue
+            raise FemurSegError(
+                f"Checkpoint '{path}' of model '{model.name}' changed since it was installed with --trust; it was not "
+                f"loaded. If you trust the new file, remove the model and install it again with --trust."
+            )
+        raise FemurSegError(
+            f"Checkpoint '{path}' (fold {fold}) needs Python's full pickle loader, which can run code hidden in the "
+            f"file; it was not loaded. If you trust its source: femurseg models install {model.root} --trust"
+        )
 
 
 def list_models() -> list[ModelInfo]:
@@ -209,35 +313,54 @@ def _safe_extract(archive: Path, destination: Path) -> None:
 
 
 def install_model(source: Path, name: str | None = None, trust_pickle: bool = False) -> ModelInfo:
-    """Install a model folder or nnU-Net export zip into the user models folder; validated before it lands."""
+    """Install a model folder or nnU-Net export zip into the user models folder; validated before it lands.
+
+    Corrupt checkpoints are refused; ones that need the full pickle loader only with ``trust_pickle``, which
+    records their SHA-256 in TRUST_FILE (see require_loadable_checkpoints).
+    """
     source = Path(source)
     if not source.exists():
         raise FemurSegError(f"'{source}' does not exist.")
     target_dir = user_models_dir()
-    target_dir.mkdir(parents=True, exist_ok=True)
     name = name or (source.name.removesuffix(".zip") if source.is_file() else source.name)
     if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name) or name.startswith("."):
         raise FemurSegError(f"Model name '{name}' may only use letters, digits, '.', '_' and '-'.")
     final = target_dir / name
     if final.exists():
         raise FemurSegError(f"A model named '{name}' is already installed; remove it first or choose another name.")
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target_dir))
+    created = not target_dir.exists()
+    try:
+        target_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target_dir))
+    except OSError as error:
+        raise FemurSegError(f"Cannot write into the models folder '{target_dir}' ({error.strerror or error}); "
+                            "set FEMURSEG_MODELS_DIR to a writable folder.") from None
     try:
         if source.is_file():
             _safe_extract(source, staging)
         else:
             shutil.copytree(source, staging, dirs_exist_ok=True, symlinks=False)
+        (staging / TRUST_FILE).unlink(missing_ok=True)  # trust comes from this user's --trust only
         model = validate_model_folder(staging, name=name)
-        unsafe = [f for f in model.folds
-                  if not check_checkpoint_safe(model.trained_folder / f"fold_{f}" / model.checkpoint_name)]
+        checkpoints = checkpoint_paths(model)
+        unsafe = [fold for fold, path in checkpoints.items() if needs_full_pickle(path)]
         if unsafe and not trust_pickle:
             raise FemurSegError(
                 f"The checkpoint(s) of fold(s) {', '.join(unsafe)} need Python's full pickle loader, which can run "
                 "code hidden in the file. Install only models from a source you trust, with --trust."
             )
+        if trust_pickle:
+            record = {"trusted_with": "femurseg models install --trust", "source": str(source.resolve()),
+                      "checkpoints": {p.relative_to(staging).as_posix(): _sha256(p) for p in checkpoints.values()}}
+            (staging / TRUST_FILE).write_text(json.dumps(record, indent=2) + "\n")
         os.replace(staging, final)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
+        if created:  # a refused first install leaves no empty models folder behind
+            with contextlib.suppress(OSError):
+                target_dir.rmdir()
+        if isinstance(error, FemurSegError):  # name the user's zip or folder, not the deleted staging folder
+            raise FemurSegError(str(error).replace(str(staging), str(source))) from None
         raise
     return validate_model_folder(final, name=name)
 

@@ -29,7 +29,7 @@ from vtkmodules.vtkCommonMath import vtkMatrix4x4
 from . import dataset, metrics
 from .errors import FemurSegError
 from .fill import FillParameters, compute_fill
-from .imageio import check_volume, mask_array, read_image, require_same_grid
+from .imageio import check_ct, check_volume, mask_array, read_label, require_same_grid
 
 SEGMENT_NNUNET = "Femur (nnU-Net)"
 SEGMENT_FILL = "Femur (fill)"
@@ -269,6 +269,7 @@ def segment_volume_node(scene: Any, seg_logic: Any, ct_volume_node: Any, segment
                         laterality: str | None = "auto") -> Any:
     """Run ``segmenter`` (inference.Segmenter) on the CT node; adds "Femur (nnU-Net)". Cancel adds nothing."""
     ct = sitk_from_volume_node(ct_volume_node)
+    check_ct(ct, f"Volume '{ct_volume_node.GetName()}'")
     label = segmenter.segment(ct, progress=progress, cancel=cancel)
     return add_label_as_segment(scene, seg_logic, label, ct_volume_node, SEGMENT_NNUNET, COLOR_NNUNET, laterality)
 
@@ -277,6 +278,7 @@ def fill_volume_node(scene: Any, seg_logic: Any, ct_volume_node: Any,
                      parameters: FillParameters | None = None, laterality: str | None = "auto") -> Any:
     """The fill baseline on the CT node; adds "Femur (fill)"."""
     ct = sitk_from_volume_node(ct_volume_node)
+    check_ct(ct, f"Volume '{ct_volume_node.GetName()}'")
     label = compute_fill(ct, parameters or FillParameters())
     return add_label_as_segment(scene, seg_logic, label, ct_volume_node, SEGMENT_FILL, COLOR_FILL, laterality)
 
@@ -287,7 +289,7 @@ def load_fill_label(scene: Any, seg_logic: Any, path: str | os.PathLike, ct_volu
 
     Not resampled: a label on another grid than the CT is refused, since resampling would change the result.
     """
-    label = read_image(path, "Fill label")
+    label = read_label(path, "Fill label")
     return add_label_as_segment(scene, seg_logic, label, ct_volume_node, SEGMENT_FILL, COLOR_FILL, laterality)
 
 
@@ -346,7 +348,8 @@ def dataset_femur_value(dataset_dir: str | os.PathLike) -> int:
 
 def export_segment(scene: Any, seg_logic: Any, segmentation_node: Any, segment_id: str | None,
                    ct_volume_node: Any, dataset_dir: str | os.PathLike, case: str, test: bool = False,
-                   replace: bool = False, provenance: dict[str, Any] | None = None) -> dataset.ExportResult:
+                   replace: bool = False, provenance: dict[str, Any] | None = None,
+                   force: bool = False) -> dataset.ExportResult:
     """Export the CT and one (corrected) segment as an nnU-Net case through dataset.export_case.
 
     The label gets dataset.json's femur value through the colour table (by segment name, not order).
@@ -358,7 +361,8 @@ def export_segment(scene: Any, seg_logic: Any, segmentation_node: Any, segment_i
     record = dict(provenance or {})
     record.setdefault("slicer", {"ct_node": ct_volume_node.GetName(), "segmentation_node": segmentation_node.GetName(),
                                  "segment": segmentation_node.GetSegmentation().GetSegment(segment_id).GetName()})
-    return dataset.export_case(ct, label, dataset_dir, case, test=test, replace=replace, provenance=record)
+    return dataset.export_case(ct, label, dataset_dir, case, test=test, replace=replace, provenance=record,
+                               force=force)
 
 
 # --- scene bookkeeping ----------------------------------------------------------------------------------------

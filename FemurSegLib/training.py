@@ -209,21 +209,30 @@ def add_recipe_arguments(parser) -> None:
                         help="continue the 1 mm network to each of these epoch counts in turn")
     parser.add_argument("--stage", choices=["data", "plan", "locator", "fine", "bundle", "all"], default="all",
                         help="run one phase (each resumes where it stopped) or all of them")
-    parser.add_argument("--model-dir", type=Path, default=None,
-                        help=f"where to bundle the trained model (default WORK_DIR/{MODEL_NAME}-v{MODEL_VERSION})")
+    parser.add_argument("--model-dir", type=Path,
+                        help=f"new folder for the trained model (default WORK_DIR/{MODEL_NAME}-v{MODEL_VERSION}); "
+                             "a model bundled with FemurSeg is never overwritten")
 
 
 def run_recipe(args) -> None:
     """Run the recipe's phases named by ``args.stage`` (see ``add_recipe_arguments``)."""
     from .errors import FemurSegError
+    from .models import BUNDLED_MODELS_DIR
 
     if any(later <= earlier for earlier, later in zip(args.fine_epochs, args.fine_epochs[1:])):
         raise FemurSegError(f"--fine-epochs {' '.join(map(str, args.fine_epochs))} must increase: each continues "
                             "the run to that many epochs in all, e.g. 120 200.")
     if args.cases < 2:
         raise FemurSegError(f"--cases {args.cases}: nnU-Net needs at least 2 training cases.")
+    model_dir = (args.model_dir or args.work_dir / f"{MODEL_NAME}-v{MODEL_VERSION}").resolve()
+    bundled = BUNDLED_MODELS_DIR.resolve()
+    if model_dir.exists() and (model_dir.is_relative_to(bundled) or bundled.is_relative_to(model_dir)):
+        raise FemurSegError(
+            f"--model-dir '{model_dir}' holds a model bundled with FemurSeg, which train-bundled never overwrites. "
+            f"Give a new folder (default WORK_DIR/{MODEL_NAME}-v{MODEL_VERSION}); review the result, then copy it "
+            "into Resources/Models yourself."
+        )
     work_dir = args.work_dir.resolve()
-    model_dir = (args.model_dir or work_dir / f"{MODEL_NAME}-v{MODEL_VERSION}").resolve()
     set_nnunet_paths(work_dir)
     started = time.time()
     if args.stage in ("data", "all"):

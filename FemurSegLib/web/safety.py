@@ -1,8 +1,8 @@
 """Checks on what the browser sends: upload size and content, and paths confined to allowed folders.
 
 The server may be reachable by other local users, so a path typed in the page is only trusted after it is
-resolved (symlinks followed) and found inside an allowed root, and an upload is only loaded after
-:func:`FemurSegLib.imageio.read_image` accepted it as a 3D scalar image.
+resolved (symlinks followed) and found inside an allowed root, and an upload is only loaded after the reader the
+command line uses (:func:`FemurSegLib.imageio.read_ct` or ``read_label``) accepted it.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import SimpleITK as sitk
 
 from ..dataset import CASE_NAME, DATASET_FOLDER
 from ..errors import FemurSegError
-from ..imageio import IMAGE_SUFFIXES, image_suffix, read_image
+from ..imageio import IMAGE_SUFFIXES, image_suffix, read_ct, read_label
 
 DEFAULT_MAX_UPLOAD_BYTES = 512 * 1024**2
 
@@ -69,8 +69,9 @@ def check_upload_size(name: str, size: int, max_bytes: int) -> None:
         )
 
 
-def validated_upload(name: str, content: bytes, max_bytes: int, folder: Path, what: str) -> tuple[Path, sitk.Image]:
-    """Write an upload to a temporary file in ``folder`` and read it back as a 3D scalar image.
+def validated_upload(name: str, content: bytes, max_bytes: int, folder: Path, kind: str) -> tuple[Path, sitk.Image]:
+    """Write an upload (``kind``: "ct", or "fill" for a fill label) to a temporary file in ``folder`` and read it
+    back with the command line's checks (imageio.read_ct or read_label).
 
     The file keeps the upload's image extension (SimpleITK picks its reader by it); on refusal it is removed.
     """
@@ -83,7 +84,7 @@ def validated_upload(name: str, content: bytes, max_bytes: int, folder: Path, wh
     try:
         with os.fdopen(handle, "wb") as file:
             file.write(content)
-        image = read_image(path, f"The uploaded {what}")
+        image = read_ct(path, "The uploaded CT") if kind == "ct" else read_label(path, "The uploaded fill label")
     except FemurSegError as error:  # name the upload, not the server's temporary file
         path.unlink(missing_ok=True)
         raise FemurSegError(str(error).replace(f"'{path}'", f"'{name}'").replace(str(path), name)) from None

@@ -27,7 +27,7 @@ from .. import scene
 from ..demo import SAMPLE_CT
 from ..errors import FemurSegError
 from ..fill import compute_fill
-from ..imageio import read_image
+from ..imageio import read_ct, read_image, read_label
 from ..runner import SegmentationProcess
 from .panel import METRIC_ROWS
 from .safety import check_case_name, check_upload_size, dataset_dir_inside, resolve_inside, validated_upload
@@ -104,19 +104,19 @@ class Workflow:
     # -- opening -----------------------------------------------------------------------------------------------
 
     def load_sample(self) -> None:
-        self._guarded("Loading the sample", lambda: self._load_ct(SAMPLE_CT, read_image(SAMPLE_CT, "sample CT"),
+        self._guarded("Loading the sample", lambda: self._load_ct(SAMPLE_CT, read_ct(SAMPLE_CT, "sample CT"),
                                                                    SAMPLE_CT.name))
 
     def open_path(self, text: str) -> None:
         def run() -> None:
             path = resolve_inside(str(text or ""), self.open_roots, "CT")
-            self._load_ct(path, read_image(path, "CT"), path.name)
+            self._load_ct(path, read_ct(path, "CT"), path.name)
         self._guarded("Opening the CT", run)
 
     def load_fill_path(self, text: str) -> None:
         def run() -> None:
             path = resolve_inside(str(text or ""), self.open_roots, "fill label")
-            self._set_draft(scene.SEGMENT_FILL, read_image(path, "fill label"))
+            self._set_draft(scene.SEGMENT_FILL, read_label(path, "fill label"))
             self._say(f"Loaded fill label {path.name}.", "success")
         self._guarded("Loading the fill", run)
 
@@ -129,8 +129,7 @@ class Workflow:
             name = str(file.get("name", "upload"))
             content = file.get("content") or b""
             content = bytes(content) if not isinstance(content, bytes) else content
-            path, image = validated_upload(name, content, self.max_upload_bytes, self.work_dir,
-                                           "CT" if kind == "ct" else "fill label")
+            path, image = validated_upload(name, content, self.max_upload_bytes, self.work_dir, kind)
             if kind == "ct":
                 self._load_ct(path, image, name)
             else:

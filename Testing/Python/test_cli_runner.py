@@ -125,3 +125,19 @@ def test_runner_reports_a_bad_input_as_a_message(tmp_path):
 
     with pytest.raises(FemurSegError, match="could not be read"):
         process.wait_for_completion(timeout_s=120)
+
+
+def test_every_cli_argument_has_help_and_usage_errors_are_one_line():
+    import argparse
+
+    from FemurSegLib.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    # train-bundled's options come from FemurSegLib.training.add_recipe_arguments (owned by the training recipe).
+    missing = [f"{name} {action.dest}" for name, command in commands.items() if name != "train-bundled"
+               for action in command._actions if not action.help]
+    assert missing == []
+    result = femurseg("segment", "ct.nrrd")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("femurseg: error: the following arguments are required: out_label")

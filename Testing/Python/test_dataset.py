@@ -462,3 +462,115 @@ def test_two_concurrent_exporters_both_land(tmp_path: Path) -> None:
     assert load_json(dataset / "dataset.json")["numTraining"] == 8
     assert len(list((dataset / "femurseg").glob("*.json"))) == 8
     assert len(list((dataset / "femurseg" / "replaced").iterdir())) == 4
+
+
+STEP_WORKER = textwrap.dedent("""
+    import os, shutil, signal, sys
+    sys.path.insert(0, {repo!r})
+    from FemurSegLib import dataset
+    from test_dataset import small_case
+
+    def killed_at(step, action):
+        '''Run ``action`` in a forked child that SIGKILLs itself just before its step-th rename, fsync or rmtree.'''
+        pid = os.fork()
+        if pid == 0:
+            calls = [0]
+            def hook(original):
+                def wrapped(*args, **kwargs):
+                    calls[0] += 1
+                    if calls[0] == step:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    return original(*args, **kwargs)
+                return wrapped
+            os.replace, os.fsync, shutil.rmtree = hook(os.replace), hook(os.fsync), hook(shutil.rmtree)
+            action()
+            os._exit(0)
+        return os.WIFSIGNALED(os.waitpid(pid, 0)[1])
+
+    template, root = sys.argv[1], sys.argv[2]
+    ct, label = small_case(3)
+    step = 1
+    while True:
+        folder = os.path.join(root, f"Dataset{{100 + step:03d}}_Step")
+        shutil.copytree(template, folder)
+        if not killed_at(step, lambda: dataset.export_case(ct, label, folder, "S1", replace=True)):
+            break
+        print(folder, flush=True)
+        step += 1
+    # A recovery killed part-way is finished by the next one: kill the export mid-way, then its recovery twice.
+    folder = os.path.join(root, "Dataset099_RecoveryKilled")
+    shutil.copytree(template, folder)
+    assert killed_at(step // 2, lambda: dataset.export_case(ct, label, folder, "S1", replace=True))
+    assert killed_at(2, lambda: dataset.recover_dataset(folder))
+    assert killed_at(4, lambda: dataset.recover_dataset(folder))
+    print(folder, flush=True)
+""").format(repo=str(REPO))
+
+
+def _pair(dataset: Path, case: str) -> tuple[np.ndarray, np.ndarray] | None:
+    image, label = dataset / "imagesTr" / f"{case}_0000.nii.gz", dataset / "labelsTr" / f"{case}.nii.gz"
+    if not image.exists():
+        return None
+    assert label.exists(), f"{image} without its label"
+    return read_array(image)[0], read_array(label)[0]
+
+
+def _is_pair(found: tuple[np.ndarray, np.ndarray], expected: tuple[sitk.Image, sitk.Image]) -> bool:
+    ct, label = expected
+    return np.array_equal(found[0], sitk.GetArrayViewFromImage(ct)) and \
+        np.array_equal(found[1], (sitk.GetArrayViewFromImage(label) != 0).astype(np.uint8))
+
+
+def test_sigkill_at_every_step_of_a_replace_leaves_the_old_or_the_new_case(tmp_path: Path) -> None:
+    """Kill ``export --replace`` before each of its renames, fsyncs and folder removals in turn: nnU-Net never sees
+    the case mixed (old image, new label) and the old files are never lost; recovery then gives back the old case
+    (killed before the journal) or the complete new one with the old files in femurseg/replaced/."""
+    template = tmp_path / "Dataset001_Template"
+    old, new = small_case(0), small_case(3)
+    export_case(*small_case(1), template, "A")
+    export_case(*old, template, "S1")
+    other = {name: digest for name, digest in tree_hashes(template).items() if "/A" in f"/{name}"}
+    old_bytes = {hashlib.sha256(p.read_bytes()).hexdigest() for p in (template / "imagesTr" / "S1_0000.nii.gz",
+                                                                       template / "labelsTr" / "S1.nii.gz")}
+    done = subprocess.run([sys.executable, "-c", STEP_WORKER, str(template), str(tmp_path / "runs")],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)})
+    assert done.returncode == 0, done.stderr
+    folders = [Path(line) for line in done.stdout.split()]
+    assert len(folders) >= 15, f"only {len(folders) - 1} kill points: {done.stdout}"
+    outcomes = []
+    for folder in folders:
+        before = tree_hashes(folder)
+        assert {name: before.get(name) for name in other} == other, f"{folder.name}: case A changed"
+        assert old_bytes <= set(before.values()), f"{folder.name}: an old file of S1 is lost"
+        pair = _pair(folder, "S1")
+        assert pair is None or _is_pair(pair, old) or _is_pair(pair, new), f"{folder.name}: S1 is mixed"
+        recover_dataset(folder)
+        pair = _pair(folder, "S1")
+        assert pair is not None, f"{folder.name}: S1 gone after recovery"
+        replaced = list((folder / "femurseg" / "replaced").glob("S1-*"))
+        if _is_pair(pair, new):
+            outcomes.append("new")
+            assert len(replaced) == 1 and {hashlib.sha256(p.read_bytes()).hexdigest()
+                                           for p in replaced[0].rglob("*.nii.gz")} == old_bytes
+        else:
+            assert _is_pair(pair, old), f"{folder.name}: S1 is neither old nor new"
+            outcomes.append("old")
+            assert not replaced
+        assert load_json(folder / "dataset.json")["numTraining"] == 2
+        assert load_json(folder / "femurseg" / "S1.json")["case"] == "S1"
+        assert not list(folder.glob(f"{STAGING_PREFIX}*")) and not list((folder / "femurseg").glob("recovered"))
+    steps = outcomes[:-1]  # the last folder is the one whose recovery was killed too
+    assert steps == sorted(steps, reverse=True) and "old" in steps and "new" in steps, steps  # old ... old new ... new
+    assert outcomes[-1] == "new"
+    verify_with_nnunet(folders[steps.index("new") - 1], folders[-1])  # nnU-Net agrees (all 20 would take a minute)
+
+
+def test_force_exports_an_empty_or_a_full_label(tmp_path: Path) -> None:
+    dataset = tmp_path / "Dataset108_Forced"
+    ct, label = small_case(2)
+    for case, mask in (("empty", label * 0), ("full", label * 0 + 1)):
+        with pytest.raises(FemurSegError, match="--force"):
+            export_case(ct, mask, dataset, case)
+        result = export_case(ct, mask, dataset, case, force=True)
+        assert_case_matches(result, ct, mask)

@@ -7,7 +7,7 @@ import pytest
 import SimpleITK as sitk
 
 from FemurSegLib.demo import SAMPLE_CT, SAMPLE_LABEL
-from FemurSegLib.guard import check_ct, check_femur
+from FemurSegLib.guard import check_femur, ct_warnings
 
 
 @pytest.fixture(scope="module")
@@ -22,27 +22,25 @@ def _like(ct: sitk.Image, array: np.ndarray) -> sitk.Image:
 
 
 def test_a_phantom_ct_in_hu_passes(sample_ct):
-    assert check_ct(sample_ct) == []
+    assert ct_warnings(sample_ct) == []
 
 
 @pytest.mark.parametrize("make, words", [
-    (lambda a: np.zeros_like(a), "constant"),
-    (lambda a: np.full(a.shape, np.nan, dtype=np.float32), "no finite values"),
     (lambda a: a.astype(np.int32) + 1024, "raw scanner numbers"),
     (lambda a: np.clip(a, -1000, 200), "no bone"),
     (lambda a: a.astype(np.float32) * 8.0 + 3000.0, "not the Hounsfield range"),
 ])
 def test_images_that_are_not_a_ct_in_hu_are_named(sample_ct, make, words):
-    problems = check_ct(_like(sample_ct, make(sitk.GetArrayFromImage(sample_ct))))
+    problems = ct_warnings(_like(sample_ct, make(sitk.GetArrayFromImage(sample_ct))))
     assert any(words in problem for problem in problems), problems
 
 
 def test_tiny_and_oddly_spaced_volumes_are_named():
     tiny = sitk.Image([5, 5, 5], sitk.sitkInt16)
-    assert any("too small" in p for p in check_ct(tiny))
+    assert any("too small" in p for p in ct_warnings(tiny))
     odd = sitk.Image([64, 64, 64], sitk.sitkInt16)
     odd.SetSpacing((0.01, 0.01, 0.01))
-    assert any("spacing" in p for p in check_ct(odd))
+    assert any("spacing" in p for p in ct_warnings(odd))
 
 
 def test_femur_volume_matches_simpleitk_and_the_sample_is_plausible():

@@ -96,8 +96,7 @@ def test_a_three_times_wider_field_of_view_changes_nothing(segmenter, sample, pl
 
 
 @pytest.mark.parametrize("make", [
-    pytest.param(lambda: np.zeros((80, 90, 100), dtype=np.int16), id="all-zero"),
-    pytest.param(lambda: np.full((80, 90, 100), -1000, dtype=np.int16), id="air only"),
+    pytest.param(lambda: np.random.default_rng(2).normal(-1000, 10, (80, 90, 100)).astype(np.int16), id="air"),
     pytest.param(lambda: np.random.default_rng(2).normal(40, 15, (80, 90, 100)).astype(np.int16), id="soft tissue"),
 ])
 def test_femur_less_inputs_say_no_femur_found(segmenter, make):
@@ -107,31 +106,38 @@ def test_femur_less_inputs_say_no_femur_found(segmenter, make):
 
 
 @pytest.mark.parametrize("case", ["all-zero", "raw", "tiny", "femur-less"])
-def test_cli_warns_in_one_line(tmp_path, sample, case):
-    """`femurseg segment` prints `femurseg: warning: …` lines for implausible inputs and still exits 0."""
+def test_cli_warns_or_refuses_in_one_line(tmp_path, sample, case):
+    """`femurseg segment`: blank and tiny CTs are refused (exit 2, one line, nothing written); a CT in raw scanner
+    numbers or without a femur is segmented with `femurseg: warning: …` lines (exit 0)."""
     ct, _, image = sample
     arrays = {"all-zero": np.zeros_like(ct), "raw": (ct.astype(np.int32) + 1024).astype(np.int16),
               "tiny": ct[:5, :5, :5].copy(), "femur-less": np.clip(ct, -1000, 150)}
     path = tmp_path / "ct.nrrd"
-    source = _image(arrays[case], image.GetSpacing())
-    sitk.WriteImage(source, str(path))
+    sitk.WriteImage(_image(arrays[case], image.GetSpacing()), str(path))
     out = tmp_path / "femur.nrrd"
     completed = subprocess.run([sys.executable, "-m", "FemurSegLib", "segment", str(path), str(out),
                                 "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert "Traceback" not in completed.stderr
+    if case in ("all-zero", "tiny"):
+        assert completed.returncode == 2
+        assert completed.stderr.startswith("femurseg: error: ") and len(completed.stderr.splitlines()) == 1
+        assert not out.exists()
+        return
     assert completed.returncode == 0, completed.stderr
     warnings = [line for line in completed.stderr.splitlines() if line.startswith("femurseg: warning: ")]
     assert warnings, completed.stderr
-    assert "Traceback" not in completed.stderr
-    if case in ("all-zero", "femur-less"):
-        assert any(NO_FEMUR in line for line in warnings)
-        assert "no femur" in completed.stdout
+    if case == "raw":
+        assert any("raw scanner numbers" in line for line in warnings)
+    else:
+        assert any(NO_FEMUR in line for line in warnings) and "no femur" in completed.stdout
     assert out.is_file()
 
 
 def test_progress_json_carries_femurs_and_warnings(tmp_path, sample):
     ct, _, image = sample
     path = tmp_path / "ct.nrrd"
-    sitk.WriteImage(_image(np.zeros_like(ct), image.GetSpacing()), str(path))
+    soft_tissue = np.random.default_rng(3).normal(40, 15, ct.shape).astype(np.int16)
+    sitk.WriteImage(_image(soft_tissue, image.GetSpacing()), str(path))
     completed = subprocess.run([sys.executable, "-m", "FemurSegLib", "segment", str(path), str(tmp_path / "f.nrrd"),
                                 "--device", "cpu", "--progress-json"], capture_output=True, text=True, timeout=300)
     events = [json.loads(line) for line in completed.stdout.splitlines() if line.startswith("{")]

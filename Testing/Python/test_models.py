@@ -18,7 +18,8 @@ from FemurSegLib.demo import SAMPLE_CT
 from FemurSegLib.errors import FemurSegError
 from FemurSegLib.inference import InferenceOptions, Segmenter
 from FemurSegLib.metrics import compare_images
-from FemurSegLib.models import install_model, list_models, remove_model, resolve_model, validate_model_folder
+from FemurSegLib.models import (TRUST_FILE, install_model, list_models, remove_model, require_loadable_checkpoints,
+                                resolve_model, validate_model_folder)
 
 
 @pytest.fixture()
@@ -93,7 +94,7 @@ def test_incomplete_zip_is_refused_and_nothing_installed(bundled, tmp_path, mode
     files = {k: v for k, v in model_files(bundled, prefix).items() if not k.endswith(drop)}
     with pytest.raises(FemurSegError, match=message):
         install_model(make_zip(tmp_path / "broken.zip", files))
-    assert not any(models_dir.iterdir())
+    assert not models_dir.exists()  # a refused first install leaves no models folder behind
 
 
 def test_zip_that_lost_its_dataset_folder_is_refused_clearly(bundled, tmp_path, models_dir):
@@ -130,7 +131,15 @@ def test_checkpoint_that_needs_full_pickle_requires_trust(bundled, tmp_path, mod
     with pytest.raises(FemurSegError, match="trust"):
         install_model(tmp_path / "pickled")
     assert not (models_dir / "pickled").exists()
-    assert install_model(tmp_path / "pickled", trust_pickle=True).name == "pickled"
+    with pytest.raises(FemurSegError, match="full pickle loader"):  # the same folder used in place
+        require_loadable_checkpoints(validate_model_folder(tmp_path / "pickled"))
+    installed = install_model(tmp_path / "pickled", trust_pickle=True)
+    assert installed.name == "pickled" and (installed.root / TRUST_FILE).is_file()
+    require_loadable_checkpoints(installed)  # trusted at install: the gate lets exactly this file through
+    # A copy of the installed folder, trust file included, used in place is not trusted.
+    shutil.copytree(installed.root, tmp_path / "copied")
+    with pytest.raises(FemurSegError, match="full pickle loader"):
+        require_loadable_checkpoints(validate_model_folder(tmp_path / "copied"))
 
 
 def test_folder_with_two_labels_is_refused(bundled, tmp_path):

@@ -60,14 +60,14 @@ def test_paths_and_uploads_are_checked(tmp_path):
         with pytest.raises(FemurSegError):
             resolve_inside(bad, [root], "CT")
     with pytest.raises(FemurSegError, match="limited"):
-        validated_upload("big.nrrd", b"0" * 2048, 1024, tmp_path, "CT")
+        validated_upload("big.nrrd", b"0" * 2048, 1024, tmp_path, "ct")
     with pytest.raises(FemurSegError, match="could not be read") as refused:
-        validated_upload("notes.nrrd", b"just text", 1024, tmp_path, "CT")
+        validated_upload("notes.nrrd", b"just text", 1024, tmp_path, "ct")
     assert str(tmp_path) not in str(refused.value)
     flat = sitk.Image(8, 8, sitk.sitkInt16)
     sitk.WriteImage(flat, str(tmp_path / "flat.nrrd"))
     with pytest.raises(FemurSegError, match="2D"):
-        validated_upload("flat.nrrd", (tmp_path / "flat.nrrd").read_bytes(), 1 << 20, tmp_path, "CT")
+        validated_upload("flat.nrrd", (tmp_path / "flat.nrrd").read_bytes(), 1 << 20, tmp_path, "ct")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["flat.nrrd", "root"]  # refused uploads removed
 
 
@@ -219,6 +219,19 @@ def test_refusals_leave_the_server_up(web_server, browser, tmp_path):
     page.upload(junk)
     page.expect("could not be read as an image")
     assert "femurseg-web-" not in page.message()  # the server's temporary file is not shown
+    page.dismiss()
+
+    truncated = tmp_path / "cut.nii.gz"  # ITK would read the missing half as zeros
+    sitk.WriteImage(sitk.GetImageFromArray(np.arange(24**3, dtype=np.int16).reshape(24, 24, 24)), str(truncated))
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    page.upload(truncated)
+    page.expect("The uploaded CT 'cut.nii.gz' is truncated")
+    page.dismiss()
+
+    blank = tmp_path / "nan.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(np.full((24, 24, 24), np.nan, np.float32)), str(blank))
+    page.upload(blank)
+    page.expect("has 13,824 NaN or infinite voxels")
     page.dismiss()
 
     page.type("fs-path", "/etc/passwd")
