@@ -33,9 +33,10 @@ class AnatomyShape:
     """One closed, outward-oriented triangle surface with its provenance and landmarks (mm, the shape's frame).
 
     Femur landmarks: ``head_centre``, ``head_radius`` (least-squares sphere), ``shaft_axis`` (unit, distal to
-    proximal), ``shaft_point`` (on the axis), ``head_top``, ``distal_end`` (on the axis, level of the most distal
-    point), ``length_mm``, ``head_offset_mm`` and usually ``lesser_trochanter``. Hemipelvis: ``acetabulum_centre``,
-    ``acetabulum_radius``. Arrays are read-only because the loaded shapes are shared (cached).
+    proximal: the proximal shaft, 75-160 mm below the head centre; estimated by registration on short specimens),
+    ``shaft_point`` (on the axis), ``head_top``, ``distal_end`` (on the axis, level of the most distal point),
+    ``length_mm``, ``head_offset_mm``, usually ``lesser_trochanter``, and ``midshaft_axis`` on whole femurs.
+    Hemipelvis: ``acetabulum_centre``, ``acetabulum_radius``. Arrays are read-only: loaded shapes are shared.
     """
 
     name: str

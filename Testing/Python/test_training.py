@@ -1,4 +1,5 @@
-"""The training recipe's pieces that run in seconds: the plans it writes must resolve in nnU-Net.
+"""The training recipe's pieces that run in seconds: its plans resolve in nnU-Net, its regions are what inference
+crops, its schedule is checked before any work.
 
 Training itself takes hours on this CPU; the recipe's results are checked by the benchmark and the model card.
 """
@@ -6,89 +7,78 @@ Training itself takes hours on this CPU; the recipe's results are checked by the
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
+import SimpleITK as sitk
 
 from FemurSegLib import training
+from FemurSegLib.families import generate_case
 from FemurSegLib.models import resolve_model
 
 
 @pytest.fixture()
-def work_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A work dir whose preprocessed plans are nnU-Net's planner output as the bundled model recorded it."""
+def work_dir(tmp_path: Path) -> Path:
+    """A work dir whose preprocessed plans are nnU-Net planner output (the v3 model's record of it)."""
     bundled = resolve_model(None).trained_folder
     plans = json.loads((bundled / "plans.json").read_text())
-    for name in list(plans["configurations"]):
-        if name.startswith("3d_femurseg"):
-            del plans["configurations"][name]  # as nnU-Net's planner writes it, before the recipe adds its own
-    preprocessed = tmp_path / "preprocessed" / training.DATASET_NAME
-    preprocessed.mkdir(parents=True)
-    (preprocessed / "nnUNetPlans.json").write_text(json.dumps(plans))
-    shutil.copy2(bundled / "dataset.json", preprocessed / "dataset.json")
-    for variable, sub in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "preprocessed"), ("nnUNet_results", "results")):
-        monkeypatch.setenv(variable, str(tmp_path / sub))
+    plans["configurations"] = {"3d_fullres": plans["configurations"]["3d_fullres"]}  # as the planner writes it
+    for _, dataset in training.DATASETS.values():
+        folder = tmp_path / "preprocessed" / dataset
+        folder.mkdir(parents=True)
+        (folder / "nnUNetPlans.json").write_text(json.dumps({**plans, "dataset_name": dataset}))
     return tmp_path
-
-
-def _plans(work_dir: Path) -> dict:
-    return json.loads((work_dir / "preprocessed" / training.DATASET_NAME / "nnUNetPlans.json").read_text())
 
 
 def test_recipe_configurations_resolve_in_nnunet(work_dir: Path) -> None:
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    training.add_recipe_configurations(work_dir)
-    manager = PlansManager(_plans(work_dir))
-    first = manager.get_configuration(training.CONFIGURATION)
-    large = manager.get_configuration(training.FINE_TUNE_CONFIGURATION)
-    assert first.patch_size == training.PATCH_SIZE
-    assert large.patch_size == training.FINE_TUNE_PATCH_SIZE
-    # Both stages train the same network on the same preprocessed data, so weights carry from one to the other.
-    assert large.network_arch_init_kwargs == first.network_arch_init_kwargs
-    assert large.data_identifier == first.data_identifier
-    assert large.spacing == first.spacing == [1.0, 1.0, 1.0]
+    for name, settings in training.RECIPE_CONFIGURATIONS.items():
+        training.add_recipe_configuration(work_dir, name)
+        plans = json.loads((work_dir / "preprocessed" / training.DATASETS[name][1] / "nnUNetPlans.json").read_text())
+        configuration = PlansManager(plans).get_configuration(name)
+        assert configuration.spacing == settings["spacing"] and configuration.patch_size == settings["patch_size"]
+        assert configuration.data_identifier == f"nnUNetPlans_{name}"  # never mixed with the planner's 3d_fullres data
+        assert configuration.network_arch_init_kwargs["features_per_stage"] == [8, 16, 32, 64, 128]
+        divisor = np.prod(configuration.network_arch_init_kwargs["strides"], axis=0)
+        assert all(p % d == 0 for p, d in zip(configuration.patch_size, divisor))
 
 
-def test_grow_dataset_adds_cases_with_the_same_plans(work_dir: Path) -> None:
-    """Growing the dataset preprocesses new phantoms with the plans the network was trained with."""
-    import numpy as np
-    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+def test_every_twenty_cases_hold_the_family_mix() -> None:
+    for start in (0, 20, 40):
+        assert Counter(training.case_family(i) for i in range(start, start + 20)) == dict(training.FAMILY_MIX)
+    assert len({training.case_family(i) for i in range(5)}) > 1, "a short run still mixes families"
 
-    training.add_recipe_configurations(work_dir)
-    plans_before = _plans(work_dir)
-    raw = work_dir / "raw" / training.DATASET_NAME
-    # In a child process, as the recipe runs: nnunetv2.paths reads the nnU-Net folders once, at import.
-    script = ("import sys; from pathlib import Path; from FemurSegLib import training as t; w = Path(sys.argv[1]); "
-              "t.set_nnunet_paths(w); t.write_phantom_dataset(w / 'raw' / t.DATASET_NAME, 1); t.grow_dataset(w, 2)")
-    subprocess.run([sys.executable, "-c", script, str(work_dir)], check=True, capture_output=True)
 
-    assert _plans(work_dir) == plans_before
-    preprocessed = work_dir / "preprocessed" / training.DATASET_NAME
-    assert json.loads((preprocessed / "dataset.json").read_text())["numTraining"] == 2
-    manager = PlansManager(plans_before)
-    configuration = manager.get_configuration(training.CONFIGURATION)
-    dataset_json = json.loads((raw / "dataset.json").read_text())
-    for seed in (training.TRAIN_SEED_START, training.TRAIN_SEED_START + 1):
-        case = f"phantom{seed}"
-        expected, _, _ = DefaultPreprocessor(verbose=False).run_case(
-            [str(raw / "imagesTr" / f"{case}_0000.nii.gz")], str(raw / "labelsTr" / f"{case}.nii.gz"),
-            manager, configuration, dataset_json)
-        from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
-
-        folder = preprocessed / configuration.data_identifier
-        stored, _, _, _ = infer_dataset_class(str(folder))(str(folder), [case]).load_case(case)
-        np.testing.assert_allclose(np.asarray(stored), expected, rtol=1e-5, atol=1e-5)
+def test_regions_hold_each_whole_femur_with_its_margin() -> None:
+    ct, label, info = generate_case("invivo", 4)
+    regions = training.femur_regions(ct, label, np.random.default_rng(0))
+    assert len(regions) == len(info.sides) == 2
+    statistics = sitk.LabelShapeStatisticsImageFilter()
+    statistics.Execute(sitk.ConnectedComponent(label, True))
+    femur_voxels = sorted(statistics.GetNumberOfPixels(i) for i in statistics.GetLabels())
+    assert sorted(int(sitk.GetArrayViewFromImage(region_label).sum()) for _, region_label in regions) == femur_voxels
+    low_margin, high_margin = training.REGION_MARGIN_MM
+    for region_ct, region_label in regions:
+        assert region_ct.GetSize() == region_label.GetSize() and region_ct.GetOrigin() == region_label.GetOrigin()
+        mask = sitk.GetArrayViewFromImage(region_label) != 0
+        start = np.array(ct.TransformPhysicalPointToIndex(region_ct.GetOrigin()))[::-1]  # (z, y, x) in the CT
+        stop = start + np.array(mask.shape)
+        for axis in range(3):
+            spacing = region_ct.GetSpacing()[2 - axis]
+            occupied = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+            gaps = {"low": (occupied[0], start[axis] == 0), "high": (mask.shape[axis] - 1 - occupied[-1],
+                                                                      stop[axis] == ct.GetSize()[2 - axis])}
+            for gap, at_ct_border in gaps.values():
+                assert gap * spacing <= high_margin + spacing
+                assert gap * spacing >= low_margin - spacing or at_ct_border  # the field of view ends there
 
 
 @pytest.mark.parametrize("arguments, problem", [
-    (["--grow-epochs", "150", "120"], "Epoch counts must increase"),
-    (["--extend-epochs", "30"], "Epoch counts must increase"),
-    (["--grow-cases", "20"], "--grow-cases 20 is fewer than --cases 40"),
+    (["--fine-epochs", "200", "120"], "--fine-epochs 200 120 must increase"),
+    (["--cases", "1"], "at least 2 training cases"),
 ])
 def test_recipe_refuses_a_schedule_it_cannot_run_before_touching_the_work_dir(tmp_path: Path, capsys, arguments,
                                                                               problem) -> None:
