@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import SimpleITK as sitk
 
-from .anatomy import AnatomyShape, load_shapes
+from .anatomy import AnatomyShape, load_femur_shape_model, load_shapes, to_polydata
 from .phantom import generate_phantom
 from .render import Grid, Voxelised, blur, bone_hu, smooth_noise, voxelise
 
@@ -106,6 +106,74 @@ def place_femur(shape: AnatomyShape, mirror: bool, scale: np.ndarray, rotation: 
     return PlacedFemur(vertices=vertices, triangles=shape.triangles, side=side, subject=shape.subject, axis=axis,
                        head_radius=float(marks["head_radius"]) * float(np.mean(scale)),
                        head_top=float(np.max(vertices @ axis)), lesser_trochanter=lesser_along)
+
+
+def warp_by_shape_model(shape: AnatomyShape, coefficients: np.ndarray) -> AnatomyShape:
+    """``shape`` deformed by the femur shape model (GIAS3 LLP26): the model's mean is fitted to the shape (ICP,
+    similarity), and a thin-plate spline carries every vertex and landmark from the fitted mean to the fitted mean
+    plus ``coefficients`` (standard deviations) of the modes. So a real surface gains the population's variation
+    (neck length and angle, head size, shaft bow) while keeping its own detail."""
+    from vtkmodules.util import numpy_support
+    from vtkmodules.vtkCommonCore import vtkPoints
+    from vtkmodules.vtkCommonDataModel import vtkIterativeClosestPointTransform, vtkPolyData
+    from vtkmodules.vtkCommonTransforms import vtkThinPlateSplineTransform
+
+    model = load_femur_shape_model()
+    flip = np.array([-1.0, 1.0, 1.0]) if shape.side == "right" else np.ones(3)  # the model is a left femur
+    mean, target = model.mean * flip, model.sample(coefficients) * flip
+    # Only the part of the model that the (often proximal-only) surface also has: from its head down its length.
+    keep = mean[:, 2] >= mean[:, 2].max() - float(shape.landmarks.get("length_mm", 500.0))
+    top = np.asarray(shape.landmarks["head_top"], dtype=float)
+    offset = top - mean[keep][np.argmax(mean[keep][:, 2])]
+
+    def points(array: np.ndarray):
+        vtk_points = vtkPoints()
+        vtk_points.SetData(numpy_support.numpy_to_vtk(np.ascontiguousarray(array, dtype=np.float64), deep=True))
+        return vtk_points
+
+    source = vtkPolyData()
+    source.SetPoints(points(mean[keep] + offset))
+    icp = vtkIterativeClosestPointTransform()
+    icp.SetSource(source)
+    icp.SetTarget(to_polydata(shape.vertices, shape.triangles))
+    icp.GetLandmarkTransform().SetModeToSimilarity()
+    icp.SetMaximumNumberOfIterations(60)
+    icp.StartByMatchingCentroidsOff()
+    icp.Update()
+    fitted = np.array([icp.TransformPoint(*p) for p in mean[keep] + offset])
+    moved = np.array([icp.TransformPoint(*p) for p in target[keep] + offset])
+    spline = vtkThinPlateSplineTransform()
+    spline.SetSourceLandmarks(points(fitted))
+    spline.SetTargetLandmarks(points(moved))
+    spline.SetBasisToR()
+
+    def warp(array: np.ndarray) -> np.ndarray:
+        out = vtkPoints()
+        spline.TransformPoints(points(np.atleast_2d(array)), out)
+        return numpy_support.vtk_to_numpy(out.GetData()).astype(np.float64).reshape(np.shape(array))
+
+    marks = dict(shape.landmarks)
+    centre = np.asarray(marks["head_centre"], dtype=float)
+    on_head = np.abs(np.linalg.norm(shape.vertices - centre, axis=1) - float(marks["head_radius"])) < 1.0
+    for key in ("head_centre", "shaft_point", "head_top", "lesser_trochanter"):
+        if key in marks:
+            marks[key] = warp(np.asarray(marks[key], dtype=float)).tolist()
+    axis_end = warp(np.asarray(shape.landmarks["shaft_point"]) + 50.0 * np.asarray(shape.landmarks["shaft_axis"]))
+    axis = axis_end - np.asarray(marks["shaft_point"])
+    marks["shaft_axis"] = (axis / np.linalg.norm(axis)).tolist()
+    vertices = warp(shape.vertices)
+    if on_head.sum() >= 20:
+        marks["head_radius"] = float(np.median(np.linalg.norm(vertices[on_head] - marks["head_centre"], axis=1)))
+    return AnatomyShape(name=f"{shape.name} (shape model)", subject=shape.subject, source=shape.source,
+                        licence=shape.licence, kind=shape.kind, side=shape.side, extent=shape.extent,
+                        held_out=shape.held_out, vertices=vertices, triangles=shape.triangles, landmarks=marks)
+
+
+def _vary(shape: AnatomyShape, rng: np.random.Generator) -> AnatomyShape:
+    """Training shapes: 70 % are deformed along the shape model's first six modes; held-out shapes stay real."""
+    if shape.held_out or rng.random() >= 0.7:
+        return shape
+    return warp_by_shape_model(shape, np.clip(rng.standard_normal(6), -2.5, 2.5))
 
 
 def _random_rotation(rng: np.random.Generator, max_degrees: float) -> np.ndarray:
@@ -193,7 +261,7 @@ def _fit_voxels(extent: np.ndarray, spacing: np.ndarray) -> np.ndarray:
 # --- ex-vivo ----------------------------------------------------------------------------------------------------
 
 def _render_exvivo(rng: np.random.Generator, seed: int, femurs: list[AnatomyShape], held_out: bool):
-    shape = femurs[rng.integers(len(femurs))]
+    shape = _vary(femurs[rng.integers(len(femurs))], rng)
     scale = rng.uniform(0.88, 1.12) * rng.uniform(0.95, 1.05, size=3)
     femur = place_femur(shape, mirror=bool(rng.random() < 0.5), scale=scale, rotation=specimen_rotation(shape))
     cut_length = float(rng.uniform(120, 220))
@@ -281,7 +349,7 @@ def _render_invivo(rng: np.random.Generator, seed: int, femurs: list[AnatomyShap
     scale = rng.uniform(0.9, 1.1) * rng.uniform(0.96, 1.04, size=3)
     placed = {}
     for side in ("left", "right"):
-        source = pair.get(side) or pair["left" if side == "right" else "right"]
+        source = _vary(pair.get(side) or pair["left" if side == "right" else "right"], rng)
         placed[side] = place_femur(source, mirror=side not in pair, scale=scale, rotation=np.eye(3))
 
     look = _draw_intensities(rng, in_vivo=True)

@@ -17,6 +17,8 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from .anatomy import to_polydata
+
 
 @dataclass(frozen=True)
 class Grid:
@@ -62,24 +64,6 @@ class Voxelised:
     sdf: np.ndarray  # float32 mm, negative inside, region shape
 
 
-def _polydata(vertices: np.ndarray, triangles: np.ndarray):
-    from vtkmodules.util import numpy_support
-    from vtkmodules.vtkCommonCore import vtkPoints
-    from vtkmodules.vtkCommonDataModel import vtkCellArray, vtkPolyData
-
-    points = vtkPoints()
-    points.SetData(numpy_support.numpy_to_vtk(np.ascontiguousarray(vertices, dtype=np.float64), deep=True))
-    cells = vtkCellArray()
-    offsets = np.arange(0, 3 * len(triangles) + 1, 3, dtype=np.int64)
-    cells.SetData(numpy_support.numpy_to_vtkIdTypeArray(offsets, deep=True),
-                  numpy_support.numpy_to_vtkIdTypeArray(np.ascontiguousarray(triangles, dtype=np.int64).ravel(),
-                                                        deep=True))
-    poly = vtkPolyData()
-    poly.SetPoints(points)
-    poly.SetPolys(cells)
-    return poly
-
-
 def voxelise(grid: Grid, vertices: np.ndarray, triangles: np.ndarray, margin_mm: float = 6.0) -> Voxelised | None:
     """Voxel centres inside the closed surface (vertices in LPS mm) within its bounding box; None if off-grid."""
     from vtkmodules.util import numpy_support
@@ -94,7 +78,7 @@ def voxelise(grid: Grid, vertices: np.ndarray, triangles: np.ndarray, margin_mm:
     # Index-aligned millimetres: axis i runs along the grid's direction column i, origin at voxel 0.
     local = (vertices - grid.origin) @ grid.direction
     stencil = vtkPolyDataToImageStencil()
-    stencil.SetInputData(_polydata(local, triangles))
+    stencil.SetInputData(to_polydata(local, triangles))
     stencil.SetOutputOrigin(0.0, 0.0, 0.0)
     stencil.SetOutputSpacing(*(float(s) for s in grid.spacing))
     stencil.SetOutputWholeExtent(int(low[0]), int(high[0]), int(low[1]), int(high[1]), int(low[2]), int(high[2]))

@@ -170,7 +170,7 @@ def trained_folder(work_dir: Path, configuration: str) -> Path:
 
 
 def train(work_dir: Path, configuration: str, epochs: int, iterations_per_epoch: int,
-          initial_lr: float = 0.01) -> Path:
+          initial_lr: float = 0.01, threads: int | None = None) -> Path:
     """Train fold 'all' with the plain nnUNetTrainer up to ``epochs``, resuming from the last checkpoint."""
     # Augmentation in the main process: as fast as 2 workers on 2 cores (DESIGN.md §4). Set only here: the
     # planner calls torch.set_num_threads(nnUNet_n_proc_DA), which refuses 0.
@@ -178,7 +178,7 @@ def train(work_dir: Path, configuration: str, epochs: int, iterations_per_epoch:
     import torch
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(threads or os.cpu_count() or 1)
     preprocessed = work_dir / "preprocessed" / DATASETS[configuration][1]
     plans = json.loads((preprocessed / "nnUNetPlans.json").read_text())
     dataset_json = json.loads((preprocessed / "dataset.json").read_text())
@@ -209,6 +209,8 @@ def add_recipe_arguments(parser) -> None:
                         help="continue the 1 mm network to each of these epoch counts in turn")
     parser.add_argument("--stage", choices=["data", "plan", "locator", "fine", "bundle", "all"], default="all",
                         help="run one phase (each resumes where it stopped) or all of them")
+    parser.add_argument("--threads", type=int, help="PyTorch threads (default: all cores; 1 each lets the locator "
+                                                    "and the 1 mm network train side by side on 2 cores)")
     parser.add_argument("--model-dir", type=Path,
                         help=f"new folder for the trained model (default WORK_DIR/{MODEL_NAME}-v{MODEL_VERSION}); "
                              "a model bundled with FemurSeg is never overwritten")
@@ -242,11 +244,11 @@ def run_recipe(args) -> None:
         plan_and_preprocess(work_dir)
         print(f"preprocessed after {time.time() - started:.0f} s", flush=True)
     if args.stage in ("locator", "all"):
-        train(work_dir, LOCATOR_CONFIGURATION, args.locator_epochs, args.iterations)
+        train(work_dir, LOCATOR_CONFIGURATION, args.locator_epochs, args.iterations, threads=args.threads)
         print(f"locator trained after {time.time() - started:.0f} s", flush=True)
     if args.stage in ("fine", "all"):
         for epochs in args.fine_epochs:
-            train(work_dir, CONFIGURATION, epochs, args.iterations)
+            train(work_dir, CONFIGURATION, epochs, args.iterations, threads=args.threads)
         print(f"1 mm network trained after {time.time() - started:.0f} s", flush=True)
     if args.stage in ("bundle", "all"):
         bundle_model(work_dir, model_dir)

@@ -101,3 +101,25 @@ def test_invivo_has_two_femurs_along_z_beside_the_pelvis():
     bone_outside_femurs = (hu > 400) & (sitk.GetArrayViewFromImage(label) == 0)
     assert bone_outside_femurs.sum() * np.prod(spacing) / 1000 > 20, "hip bones are in the field of view"
     assert (hu < -900).any(), "air around the body"
+
+
+def test_shape_model_warp_keeps_a_real_surface_with_zero_coefficients_and_varies_it_otherwise():
+    from FemurSegLib.anatomy import to_polydata
+    from FemurSegLib.families import warp_by_shape_model
+    from vtkmodules.vtkFiltersCore import vtkMassProperties
+
+    def volume_ml(vertices, triangles) -> float:
+        properties = vtkMassProperties()
+        properties.SetInputData(to_polydata(vertices, triangles))
+        properties.Update()
+        return properties.GetVolume() / 1000
+
+    shape = next(s for s in load_shapes("femur") if not s.held_out and s.side == "right")
+    same = warp_by_shape_model(shape, np.zeros(6))
+    assert np.abs(same.vertices - shape.vertices).max() < 1e-3  # thin-plate spline round-off only
+    assert np.allclose(same.landmarks["head_centre"], shape.landmarks["head_centre"], atol=1e-3)
+    warped = warp_by_shape_model(shape, np.array([0.0, 2.0, -2.0, 0.0, 1.0, 0.0]))
+    moved = np.linalg.norm(warped.vertices - shape.vertices, axis=1)
+    assert 1.0 < np.mean(moved) < 15.0, "a plausible deformation: millimetres, not centimetres"
+    assert 0.7 < volume_ml(warped.vertices, shape.triangles) / volume_ml(shape.vertices, shape.triangles) < 1.3
+    assert 18.0 < warped.landmarks["head_radius"] < 32.0
