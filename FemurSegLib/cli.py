@@ -153,9 +153,7 @@ def _cmd_surface(args: argparse.Namespace) -> None:
     from .surface import write_label_surface
 
     check = write_label_surface(read_image(args.label, "label"), args.out_surface, _surface_options(args), args.value)
-    print(f"surface -> {args.out_surface} ({args.coordinates}): {check.triangles} triangles, "
-          f"{'watertight' if check.watertight else f'{check.open_edges} open edges'}, encloses {check.volume_ml:.3f} ml "
-          f"(voxels {check.label_volume_ml:.3f} ml, {100 * check.volume_error:+.2f} %)")
+    print(f"surface -> {args.out_surface} ({args.coordinates}): {check.describe()}")
     for problem in check.problems():
         print(f"femurseg: warning: {problem}", file=sys.stderr)
 

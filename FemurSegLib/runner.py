@@ -1,8 +1,10 @@
 """Segmentation in a warm child process, for GUIs that must stay live (desktop Slicer, the browser app).
 
 The child is ``python -m FemurSegLib worker`` (:mod:`FemurSegLib.worker`): it loads the model once and segments
-one CT per request, so only the first Segment pays for importing PyTorch and nnU-Net and loading the model. It
-prints JSON progress lines and writes each label atomically, so killing it at any moment leaves no output. It
+one CT per request, so only the first Segment pays for importing PyTorch and nnU-Net and loading the model. The
+CT goes to it as a file in the worker's temporary folder (uncompressed: fast to write and read), the label comes
+back the same way; it prints JSON progress lines and writes the label atomically, so killing it at any moment
+leaves no output. It
 runs in its own process group (session): cancel kills the whole group and the next request starts a fresh child;
 a request with another model, device or mode also starts a fresh one. The caller polls
 :meth:`SegmentationJob.poll` from its event loop (a Qt timer, a trame async task) or blocks in
@@ -14,15 +16,20 @@ from __future__ import annotations
 import collections
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import SimpleITK as sitk
+
 from .errors import FemurSegError
+from .imageio import read_image, write_image
 
 STDERR_LINES_KEPT = 200
 
@@ -41,8 +48,9 @@ class RunnerState:
 class SegmentationJob:
     """One segmentation in the worker; read ``state`` at any time."""
 
-    def __init__(self, worker: SegmentationWorker, job_id: int) -> None:
+    def __init__(self, worker: SegmentationWorker, job_id: int, ct_path: Path, output_path: Path) -> None:
         self.worker, self.id = worker, job_id
+        self.ct_path, self.output_path = ct_path, output_path
         self.state = RunnerState()
         self._answered = threading.Event()  # "done" or "error" arrived, or the worker ended
 
@@ -70,8 +78,23 @@ class SegmentationJob:
                 if not self._answered.is_set() and not self.state.cancelled:
                     self.state.error = self.worker._failure()
                 self.state.finished = True
+            self.ct_path.unlink(missing_ok=True)
             self.worker._job_finished(self)
         return self.state
+
+    def result(self) -> sitk.Image | None:
+        """The label of a finished job (its file is removed), None if cancelled; FemurSegError if it failed."""
+        state = self.poll()
+        if not state.finished:
+            raise FemurSegError("The segmentation is still running.")
+        if state.error:
+            raise FemurSegError(state.error)
+        if state.cancelled or state.output is None:
+            return None
+        try:
+            return read_image(state.output, "Segmentation result")
+        finally:
+            state.output.unlink(missing_ok=True)
 
     def cancel(self) -> None:
         """Kill the worker and everything it started; returns once they are gone. The next job starts a new one."""
@@ -105,23 +128,29 @@ class SegmentationWorker:
         self._stderr: collections.deque[str] = collections.deque(maxlen=STDERR_LINES_KEPT)
         self._job: SegmentationJob | None = None
         self._next_id = 1
+        self._work_dir: Path | None = None  # the CTs and labels in transit; removed by close()
 
     @property
     def pid(self) -> int | None:
         """The child's process id while it runs (its process group id too)."""
         return self._process.pid if self._process is not None and self._process.poll() is None else None
 
-    def segment(self, ct_path: str | os.PathLike, output_path: str | os.PathLike, model: str | None = None,
-                device: str = "auto", fast: bool = True) -> SegmentationJob:
-        """Start segmenting ``ct_path`` into ``output_path``; starts the child when none runs with these settings."""
+    def segment(self, ct: sitk.Image, model: str | None = None, device: str = "auto",
+                fast: bool = True) -> SegmentationJob:
+        """Start segmenting ``ct``; starts the child when none runs with these settings. Poll the returned job."""
         if self._job is not None and not self._job.poll().finished:
             raise FemurSegError("A segmentation is already running.")
         settings = (str(model) if model else None, device, fast)
         if self.pid is None or settings != self._settings:
-            self.close()
+            self._stop()
             self._start(settings)
-        job = self._job = SegmentationJob(self, self._next_id)
+        if self._work_dir is None:
+            self._work_dir = Path(tempfile.mkdtemp(prefix="femurseg-worker-"))
+        job_id = self._next_id
         self._next_id += 1
+        ct_path, output_path = self._work_dir / f"ct-{job_id}.nrrd", self._work_dir / f"label-{job_id}.nrrd"
+        write_image(ct, ct_path, compress=False)
+        job = self._job = SegmentationJob(self, job_id, ct_path, output_path)
         request = {"id": job.id, "ct": str(ct_path), "out": str(output_path)}
         try:
             assert self._process is not None and self._process.stdin is not None
@@ -132,6 +161,13 @@ class SegmentationWorker:
         return job
 
     def close(self) -> None:
+        """End the child (cancelling a running job) and remove the temporary files."""
+        self._stop()
+        if self._work_dir is not None:
+            shutil.rmtree(self._work_dir, ignore_errors=True)
+            self._work_dir = None
+
+    def _stop(self) -> None:
         """End the child: cleanly when idle (end of its input), else by killing its process group."""
         process = self._process
         if process is None:

@@ -26,7 +26,7 @@ from vtkmodules.vtkCommonCore import vtkDoubleArray, vtkStringArray
 from vtkmodules.vtkCommonDataModel import vtkImageData
 from vtkmodules.vtkCommonMath import vtkMatrix4x4
 
-from . import dataset, metrics
+from . import dataset, metrics, surface
 from .errors import FemurSegError
 from .fill import FillParameters, compute_fill
 from .imageio import check_volume, mask_array, read_image, require_same_grid
@@ -359,6 +359,18 @@ def export_segment(scene: Any, seg_logic: Any, segmentation_node: Any, segment_i
     record.setdefault("slicer", {"ct_node": ct_volume_node.GetName(), "segmentation_node": segmentation_node.GetName(),
                                  "segment": segmentation_node.GetSegmentation().GetSegment(segment_id).GetName()})
     return dataset.export_case(ct, label, dataset_dir, case, test=test, replace=replace, provenance=record)
+
+
+def export_segment_surface(scene: Any, seg_logic: Any, segmentation_node: Any, segment_id: str | None,
+                           ct_volume_node: Any, path: str | os.PathLike,
+                           options: surface.SurfaceOptions = surface.SurfaceOptions()) -> surface.SurfaceCheck:
+    """One segment's watertight surface for meshing, made from its voxels exactly as ``femurseg surface`` does.
+
+    Slicer's closed-surface representation is for display (its smoothing and decimation are the viewer's); the
+    file is made from the segment's labelmap on the CT grid, so it is the same for the CLI, batch and both GUIs.
+    """
+    label = segment_to_sitk(scene, seg_logic, segmentation_node, segment_id, ct_volume_node)
+    return surface.write_label_surface(label, path, options)
 
 
 # --- scene bookkeeping ----------------------------------------------------------------------------------------

@@ -75,6 +75,12 @@ class SurfaceCheck:
         """Relative difference of the enclosed volume from the voxel volume."""
         return self.volume_ml / self.label_volume_ml - 1.0
 
+    def describe(self) -> str:
+        """One line for people: closed or not, and the volumes."""
+        closed = "watertight" if self.watertight else f"NOT watertight ({self.open_edges} open edges)"
+        return (f"{closed}, {self.triangles} triangles, encloses {self.volume_ml:.2f} ml "
+                f"(voxels {self.label_volume_ml:.2f} ml, {100 * self.volume_error:+.2f} %)")
+
     def problems(self) -> list[str]:
         """Plain-words warnings for a surface that should not go to a mesher as it is."""
         found = []
