@@ -171,8 +171,11 @@ def _cmd_batch(args: argparse.Namespace) -> None:
     def stop(_signal, _frame):  # SLURM's scancel and time limit send SIGTERM: end like Ctrl-C, cleanly
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, stop)
-    summary = run_batch(args.input, args.out_dir, settings, shard, text_progress(sys.stderr))
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        summary = run_batch(args.input, args.out_dir, settings, shard, text_progress(sys.stderr))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(f"{summary.total} cases ({summary.skipped} already done, {summary.computed} computed, "
           f"{summary.errors} failed) -> {summary.results}, {summary.report}")
 
