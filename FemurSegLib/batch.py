@@ -310,13 +310,15 @@ def _process_case(case: Case, segmenter, settings: BatchSettings, out_dir: Path,
         write_image(result.fill, out_dir / FOLDERS["fill"] / f"{case.name}{suffix}")
         masks["fill"] = result.fill
     if settings.truth_dir is not None:
-        truth_path = find_truth(Path(settings.truth_dir), case.name)
-        if truth_path is None:
-            result.warnings.append(f"no truth label '{case.name}.*' in the truth folder")
-        else:
+        try:  # a problem with the truth is the comparison's, not the segmentation's: a warning
+            truth_path = find_truth(Path(settings.truth_dir), case.name)
+            if truth_path is None:
+                raise FemurSegError(f"no truth label '{case.name}.*' in the truth folder")
             truth = read_image(truth_path, "truth label")
             require_same_grid(ct, truth, "the CT", f"truth label '{truth_path.name}'")
             result.truth = masks["truth"] = truth
+        except FemurSegError as error:
+            result.warnings.append(str(error))
     report(0.93, "overlay")
     result.outputs["overlay"] = f"{FOLDERS['overlays']}/{case.name}.png"
     compare = ("truth", "nnU-Net") if result.truth is not None else ("nnU-Net", "fill") if settings.fill else None

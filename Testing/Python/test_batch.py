@@ -89,6 +89,10 @@ def test_ten_phantoms_and_a_corrupt_case(phantom_factory, tmp_path):
     cases = write_phantoms(phantom_factory, inputs, truth, range(1, 11), lambda seed: f"F{seed:02d}")
     (inputs / "broken.nrrd").write_bytes(b"NRRD0004\ntype: short\ndimension: 3\n\ngarbage")
     sitk.WriteImage(sitk.ReadImage(str(cases["F01"][1])), str(inputs / "F01.seg.nrrd"))  # not a CT: ignored
+    cases["F10"][1].unlink()  # no truth: a warning, not a failure
+    shifted = sitk.ReadImage(str(cases["F09"][1]))
+    shifted.SetOrigin((0.0, 0.0, 0.0))
+    sitk.WriteImage(shifted, str(cases["F09"][1]))  # truth on another grid: a warning
 
     result = femurseg("batch", str(inputs), str(out), "--truth-dir", str(truth), "--device", "cpu")
     assert result.returncode == 0, result.stderr
@@ -96,13 +100,17 @@ def test_ten_phantoms_and_a_corrupt_case(phantom_factory, tmp_path):
     rows = {row["case"]: row for row in read_rows(out / "results.csv")}
     assert sorted(rows) == sorted([*cases, "broken"])
     for case, (ct_path, truth_path) in cases.items():
-        check_ok_row(rows[case], out, ct_path, truth_path)
+        good_truth = case not in ("F09", "F10")
+        check_ok_row(rows[case], out, ct_path, truth_path if good_truth else None)
         assert rows[case]["label"].endswith(".nii.gz" if ct_path.name.endswith(".nii.gz") else ".nrrd")
+        assert (rows[case]["warnings"] == "") == good_truth and (rows[case]["truth_dice"] == "") != good_truth
+    assert "no truth label 'F10.*'" in rows["F10"]["warnings"]
+    assert "not on the same voxel grid" in rows["F09"]["warnings"]
     assert rows["broken"]["status"] == "error" and "could not be read" in rows["broken"]["error"]
     assert rows["broken"]["volume_ml"] == "" and rows["broken"]["overlay"] == ""
 
     page = (out / "report.html").read_text()
-    assert "11 cases, 10 ok rows, 1 errors" in page and page.count("<tr") == 12
+    assert "11 cases, 10 ok rows, 1 errors, 2 with warnings" in page and page.count("<tr") == 12
     for case in cases:
         assert f'<img src="overlays/{case}.png"' in page
     assert "could not be read" in page
