@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import TYPE_CHECKING, Callable, TextIO
 from urllib.parse import quote
 
 import numpy as np
@@ -34,6 +34,9 @@ from .errors import FemurSegError
 from .imageio import IMAGE_SUFFIXES, image_suffix, read_image, require_same_grid, write_bytes_atomic, write_image
 from .metrics import dice
 from .surface import SURFACE_FORMATS, SurfaceOptions, write_label_surface
+
+if TYPE_CHECKING:
+    from .inference import Segmenter
 
 CSV_COLUMNS = ("case", "side", "status", "volume_ml", "mean_hu", "fill_dice", "truth_dice", "warnings", "error",
                "seconds", "finished", "model", "ct", "label", "overlay", "surface")
@@ -290,7 +293,7 @@ tr.error{{background:#fdd}} tr.warn{{background:#ffd}}</style></head><body>
 
 # --- the run ----------------------------------------------------------------------------------------------------
 
-def _process_case(case: Case, segmenter, settings: BatchSettings, out_dir: Path,
+def _process_case(case: Case, segmenter: Segmenter, settings: BatchSettings, out_dir: Path,
                   report: Callable[[float, str], None]) -> CaseResult:
     from .fill import compute_fill
     from .report import overlay_png
@@ -378,7 +381,7 @@ def run_batch(source: str | os.PathLike, out_dir: str | os.PathLike, settings: B
     return BatchSummary(len(cases), skipped, len(todo), errors, results, page)
 
 
-def _load_segmenter(model_root: Path, device: str):
+def _load_segmenter(model_root: Path, device: str) -> Segmenter:
     from .inference import InferenceOptions, Segmenter
 
     return Segmenter(model_root, InferenceOptions(device=device), notify=lambda message: print(message, file=sys.stderr))

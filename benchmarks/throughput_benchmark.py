@@ -17,6 +17,7 @@ import argparse
 import csv
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -29,11 +30,19 @@ sys.path.insert(0, str(REPO))
 ENVIRONMENT = dict(os.environ, PYTHONPATH=str(REPO))
 
 
-def timed(command: list[str]) -> float:
-    started = time.perf_counter()
+def cpu_of_children() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(command: list[str], cpu: list[float] | None = None) -> float:
+    """Wall seconds of one child process; its CPU seconds are appended to ``cpu``."""
+    started, cpu_before = time.perf_counter(), cpu_of_children()
     result = subprocess.run(command, capture_output=True, text=True, env=ENVIRONMENT, check=False)
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
+    if cpu is not None:
+        cpu.append(cpu_of_children() - cpu_before)
     return time.perf_counter() - started
 
 
@@ -54,14 +63,17 @@ def cohort(cases: int) -> dict:
             cts[-1].parent.mkdir(exist_ok=True)
             sitk.WriteImage(generate_phantom(seed)[0], str(cts[-1]), True)
         half = len(cts) // 2
-        cli = [timed(femurseg("segment", str(ct), str(folder / f"cli-{ct.name}"), "--device", "cpu"))
+        cli_cpu: list[float] = []
+        batch_cpu: list[float] = []
+        cli = [timed(femurseg("segment", str(ct), str(folder / f"cli-{ct.name}"), "--device", "cpu"), cli_cpu)
                for ct in cts[:half]]
-        batch_s = timed(femurseg("batch", str(folder / "cts"), str(folder / "batch"), "--device", "cpu"))
-        cli += [timed(femurseg("segment", str(ct), str(folder / f"cli-{ct.name}"), "--device", "cpu"))
+        batch_s = timed(femurseg("batch", str(folder / "cts"), str(folder / "batch"), "--device", "cpu"), batch_cpu)
+        cli += [timed(femurseg("segment", str(ct), str(folder / f"cli-{ct.name}"), "--device", "cpu"), cli_cpu)
                 for ct in cts[half:]]
         with open(folder / "batch" / "results.csv", newline="") as handle:
             per_case = [float(row["seconds"]) for row in csv.DictReader(handle)]
     return {"cases": cases, "cli_s": cli, "batch_s": batch_s, "batch_case_s": per_case,
+            "cli_cpu_s": sum(cli_cpu), "batch_cpu_s": batch_cpu[0],
             "cli_cases_per_min": 60 * len(cli) / sum(cli), "batch_cases_per_min": 60 * cases / batch_s}
 
 
@@ -104,14 +116,15 @@ def main() -> None:
     print(f"{os.cpu_count()} CPU cores; load average {load_before:.1f} before, {load_after:.1f} after "
           "(other processes on the machine slow both sides alike)")
     print(f"cohort: {args.cases} held-out phantoms (seeds 1-{args.cases})")
-    print(f"{'method':36s}{'total s':>9s}{'s/case':>9s}{'cases/min':>11s}")
+    print(f"{'method':36s}{'total s':>9s}{'s/case':>9s}{'cases/min':>11s}{'CPU s/case':>12s}")
     cli_total = sum(throughput["cli_s"])
     print(f"{'femurseg segment, one call per case':36s}{cli_total:9.1f}{cli_total / args.cases:9.2f}"
-          f"{throughput['cli_cases_per_min']:11.2f}")
+          f"{throughput['cli_cases_per_min']:11.2f}{throughput['cli_cpu_s'] / args.cases:12.2f}")
     print(f"{'femurseg batch':36s}{throughput['batch_s']:9.1f}{throughput['batch_s'] / args.cases:9.2f}"
-          f"{throughput['batch_cases_per_min']:11.2f}")
+          f"{throughput['batch_cases_per_min']:11.2f}{throughput['batch_cpu_s'] / args.cases:12.2f}")
     ratio = throughput["batch_cases_per_min"] / throughput["cli_cases_per_min"]
-    print(f"batch throughput: {ratio:.1f}x one CLI call per case "
+    print(f"batch throughput: {ratio:.1f}x one CLI call per case in wall time, "
+          f"{throughput['cli_cpu_s'] / throughput['batch_cpu_s']:.1f}x in CPU time "
           f"(batch per case after start-up: median {statistics.median(throughput['batch_case_s']):.2f} s)")
     print(f"GUI Segment on the sample ({args.repeats} repeats, median):")
     print(f"  fresh process per Segment (before):   {statistics.median(latency['fresh_process_s']):6.2f} s")
