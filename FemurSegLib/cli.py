@@ -257,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Surface of the label's non-zero voxels (or of --value) in the label's physical "
                                    "coordinates, in millimetres. Files are in LPS unless --coordinates RAS, and say "
                                    "so in their header (SPACE=LPS) as Slicer's exports do.")
-    p.add_argument("label"), p.add_argument("out_surface", help="OUT.stl, .vtk, .vtp or .obj")
+    p.add_argument("label", help="label image (.nrrd, .nii.gz, .mha ...): non-zero voxels are the shape")
+    p.add_argument("out_surface", help="OUT.stl, .vtk, .vtp or .obj (the writer follows the extension)")
     p.add_argument("--value", type=int, help="only voxels with this label value (default: every non-zero voxel)")
     _add_surface_arguments(p)
     p.set_defaults(func=_cmd_surface)
@@ -267,9 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "OUT_DIR/report.html. Resumable: done cases are skipped; Ctrl-C leaves no "
                                    "half-written file. A case that fails gets an error row.")
     p.add_argument("input", help="folder of CT images, or a CSV with a 'ct' column (optional 'case')")
-    p.add_argument("out_dir")
+    p.add_argument("out_dir", help="output folder (created; a re-run into it does only the cases not done)")
     p.add_argument("--model", help="installed model name or model folder (default: the bundled model)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                   help="auto uses a CUDA or Apple GPU when PyTorch sees one, else the CPU")
     p.add_argument("--fill", action="store_true", help="also run the fill baseline; its Dice with nnU-Net per case")
     p.add_argument("--truth-dir", help="folder of truth labels named <case>.nrrd / .nii.gz ...: Dice vs truth")
     p.add_argument("--shard", default="0/1", help="I/N: this run does every N-th case from the I-th (0 <= I < N), "
@@ -279,8 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_batch)
 
     p = sub.add_parser("worker", help="(for GUIs) keep a model loaded and segment JSON requests from stdin")
-    p.add_argument("--model"), p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--model", help="installed model name or model folder (default: the bundled model)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="as for segment")
+    p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True, help="as for segment")
     p.set_defaults(func=_cmd_worker)
 
     p = sub.add_parser("train-bundled", help="re-run the bundled model's training recipe (about 2 h 45 min on 2 CPU cores)")
