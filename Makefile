@@ -25,6 +25,7 @@ test: $(STAMP)
 
 benchmark: $(STAMP)
 	$(PY) benchmarks/inference_benchmark.py
+	$(PY) benchmarks/throughput_benchmark.py
 
 clean:
 	rm -rf demo-output Testing/artifacts

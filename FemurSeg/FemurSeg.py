@@ -86,7 +86,7 @@ class FemurSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = self._parameterNode = self._parameterNodeGuiTag = None
-        self._process = None  # runner.SegmentationProcess while a segmentation runs
+        self._process = None  # runner.SegmentationJob while a segmentation runs in the logic's warm worker
         self._worstSliceRAS = self._lastAgreement = None  # from the last comparison
         self._timer = qt.QTimer()
         self._timer.setInterval(200)
@@ -106,15 +106,16 @@ class FemurSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                 (self.ui.loadFillButton, self.onLoadFill),
                                 (self.ui.compareButton, self.onCompare), (self.ui.exportButton, self.onExport),
                                 (self.ui.jumpToWorstSliceButton, self.onJumpToWorstSlice),
-                                (self.ui.correctButton, self.onCorrectInSegmentEditor)]:
+                                (self.ui.correctButton, self.onCorrectInSegmentEditor),
+                                (self.ui.exportSurfaceButton, self.onExportSurface)]:
             button.clicked.connect(handler)
         self.ui.modelComboBox.activated.connect(self.onModelActivated)
         self.populateModels()
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
-        if self._process is not None:
-            self._process.cancel()
+        if self.logic is not None and self.logic.worker is not None:
+            self.logic.worker.close()  # ends the warm worker, cancelling a running segmentation
         self.removeObservers()
 
     def enter(self) -> None:
@@ -196,11 +197,11 @@ class FemurSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.segmentButton.text = "Segment"
         with self.reportErrors("Segmentation"):
             node = self.logic.finishSegmentation(process, self._parameterNode.inputVolume)
-            if node is None:
+            if process.state.cancelled:
                 self.setStatus("Segmentation cancelled; nothing was added.")
                 return
-            self._parameterNode.nnunetSegmentation = self._parameterNode.exportSegmentation = node
-            self.setStatus(f"Added '{node.GetName()}'.")
+            self._parameterNode.nnunetSegmentation = self._parameterNode.exportSegmentation = node or None
+            self.setStatus(_scene().describe_result(process.state.femurs, process.state.warnings))
 
     # --- fill, comparison, correction, export --------------------------------------------------------------
     def onComputeFill(self) -> None:
@@ -254,6 +255,14 @@ class FemurSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                        provenance)
             self.setStatus(f"Exported case '{result.case}' ({result.split}) to {result.dataset_dir}.")
 
+    def onExportSurface(self) -> None:
+        path = qt.QFileDialog.getSaveFileName(self.parent, "Surface (LPS)", "", "Surfaces (*.stl *.vtk *.vtp *.obj)")
+        with self.reportErrors("Surface export"):
+            if path:
+                p = self._parameterNode
+                check = self.logic.exportSurface(p.exportSegmentation, p.inputVolume, path)
+                self.setStatus(f"Saved {Path(path).name}: {check.describe()}.")
+
     def setStatus(self, text: str) -> None:
         self.ui.statusLabel.text = text
         slicer.app.processEvents()
@@ -276,6 +285,7 @@ class FemurSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 class FemurSegLogic(ScriptedLoadableModuleLogic):
     """Slicer-side entry points; each passes the scene and segmentations logic to FemurSegLib.scene."""
+    worker = None  # runner.SegmentationWorker: keeps the model loaded between Segments
 
     def getParameterNode(self):
         return FemurSegParameterNode(super().getParameterNode())
@@ -311,29 +321,19 @@ class FemurSegLogic(ScriptedLoadableModuleLogic):
         return scene.segment_volume_node(slicer.mrmlScene, _segmentations(), ctNode, segmenter, progress, cancel)
 
     def startSegmentation(self, ctNode, model: str | None, device: str, fast: bool):
-        """Write the CT to a temporary file and segment it in a child process (see FemurSegLib.runner)."""
-        from FemurSegLib import imageio, runner, scene
+        """Segment the CT in the warm worker process (see FemurSegLib.runner); poll the returned job."""
+        from FemurSegLib import runner
 
-        ct = scene.sitk_from_volume_node(ctNode)
-        self._workDir = Path(tempfile.mkdtemp(prefix="FemurSeg-"))
-        imageio.write_image(ct, self._workDir / "ct.nrrd")
-        return runner.SegmentationProcess(self._workDir / "ct.nrrd", self._workDir / "femur.nrrd", model, device, fast,
-                                          python=shutil.which("PythonSlicer") or sys.executable)
+        self.worker = self.worker or runner.SegmentationWorker(python=shutil.which("PythonSlicer") or sys.executable)
+        return self.worker.segment(_scene().sitk_from_volume_node(ctNode), model, device, fast)
 
-    def finishSegmentation(self, process, ctNode):
-        """The finished child's label as "Femur (nnU-Net)"; None when it was cancelled. Removes the temp files."""
-        from FemurSegLib import errors, imageio, scene
+    def finishSegmentation(self, job, ctNode):
+        """The finished job's femurs as segments ("Femur left (nnU-Net)", ...); None if cancelled or none found."""
+        if (label := job.result()) is not None:
+            return _scene().add_femur_segments(slicer.mrmlScene, _segmentations(), label, ctNode, job.state.femurs)
 
-        try:
-            state = process.poll()
-            if state.cancelled:
-                return None
-            if state.error:
-                raise errors.FemurSegError(state.error)
-            label = imageio.read_image(state.output, "Segmentation result")
-            return scene.add_label_as_segment(slicer.mrmlScene, _segmentations(), label, ctNode)
-        finally:
-            shutil.rmtree(self._workDir, ignore_errors=True)
+    def exportSurface(self, segmentationNode, ctNode, path: str):
+        return _scene().export_segment_surface(slicer.mrmlScene, _segmentations(), segmentationNode, None, ctNode, path)
 
     def computeFill(self, ctNode, thresholdHU: float):
         from FemurSegLib.fill import FillParameters

@@ -181,6 +181,60 @@ def _cmd_train(args: argparse.Namespace) -> None:
     run_recipe(args)
 
 
+def _surface_options(args: argparse.Namespace):
+    from .surface import SurfaceOptions
+
+    return SurfaceOptions(smoothing=args.smoothing, decimate=args.decimate, coordinates=args.coordinates)
+
+
+def _cmd_surface(args: argparse.Namespace) -> None:
+    from .imageio import read_image
+    from .surface import write_label_surface
+
+    check = write_label_surface(read_image(args.label, "label"), args.out_surface, _surface_options(args), args.value)
+    print(f"surface -> {args.out_surface} ({args.coordinates}): {check.describe()}")
+    for problem in check.problems():
+        print(f"femurseg: warning: {problem}", file=sys.stderr)
+
+
+def _cmd_batch(args: argparse.Namespace) -> None:
+    import signal
+
+    from .batch import BatchSettings, parse_shard, run_batch, text_progress
+
+    settings = BatchSettings(model=args.model, device=args.device, fill=args.fill,
+                             truth_dir=Path(args.truth_dir) if args.truth_dir else None,
+                             surface_format=args.surface, surface=_surface_options(args))
+    shard = parse_shard(args.shard)
+
+    def stop(_signal, _frame):  # SLURM's scancel and time limit send SIGTERM: end like Ctrl-C, cleanly
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        summary = run_batch(args.input, args.out_dir, settings, shard, text_progress(sys.stderr))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print(f"{summary.total} cases ({summary.skipped} already done, {summary.computed} computed, "
+          f"{summary.errors} failed) -> {summary.results}, {summary.report}")
+
+
+def _cmd_worker(args: argparse.Namespace) -> None:
+    from .worker import serve
+
+    serve(args.model, args.device, args.fast)
+
+
+def _add_surface_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--smoothing", type=float, default=0.5,
+                   help="windowed-sinc smoothing factor in [0, 1], as Slicer's closed surfaces (default 0.5; 0 = none)")
+    p.add_argument("--decimate", type=float, default=0.0,
+                   help="fraction of triangles to remove by quadric decimation, in [0, 1) (default 0)")
+    p.add_argument("--coordinates", choices=["LPS", "RAS"], default="LPS",
+                   help="LPS (default): the image file's patient coordinates, as Slicer's own model export; "
+                        "RAS: the coordinates Slicer displays")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .inference import DEVICES
 
@@ -269,6 +323,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=_port, default=8080, help="port to serve on (default 8080)")
     p.add_argument("--datasets-root", help="exports are confined to this folder (default ~/FemurSeg-datasets)")
     p.set_defaults(func=_cmd_web)
+
+    p = sub.add_parser("surface", help="watertight surface of a label (STL, VTK, VTP, OBJ) for finite-element meshing",
+                       description="Surface of the label's non-zero voxels (or of --value) in the label's physical "
+                                   "coordinates, in millimetres. Files are in LPS unless --coordinates RAS, and say "
+                                   "so in their header (SPACE=LPS) as Slicer's exports do.")
+    p.add_argument("label", help="label image (.nrrd, .nii.gz, .mha ...): non-zero voxels are the shape")
+    p.add_argument("out_surface", help="OUT.stl, .vtk, .vtp or .obj (the writer follows the extension)")
+    p.add_argument("--value", type=int, help="only voxels with this label value (default: every non-zero voxel)")
+    _add_surface_arguments(p)
+    p.set_defaults(func=_cmd_surface)
+
+    p = sub.add_parser("batch", help="segment a folder or CSV of CTs with one loaded model; results.csv and a report",
+                       description="Per case: the label, an overlay PNG and a row in OUT_DIR/results.csv, plus "
+                                   "OUT_DIR/report.html. Resumable: done cases are skipped; Ctrl-C leaves no "
+                                   "half-written file. A case that fails gets an error row.")
+    p.add_argument("input", help="folder of CT images, or a CSV with a 'ct' column (optional 'case')")
+    p.add_argument("out_dir", help="output folder (created; a re-run into it does only the cases not done)")
+    p.add_argument("--model", help="installed model name or model folder (default: the bundled model)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                   help="auto uses a CUDA or Apple GPU when PyTorch sees one, else the CPU")
+    p.add_argument("--fill", action="store_true", help="also run the fill baseline; its Dice with nnU-Net per case")
+    p.add_argument("--truth-dir", help="folder of truth labels named <case>.nrrd / .nii.gz ...: Dice vs truth")
+    p.add_argument("--shard", default="0/1", help="I/N: this run does every N-th case from the I-th (0 <= I < N), "
+                                                  "for SLURM job arrays and Dask maps")
+    p.add_argument("--surface", choices=["stl", "vtk", "vtp", "obj"], help="also write each femur's surface")
+    _add_surface_arguments(p)
+    p.set_defaults(func=_cmd_batch)
+
+    p = sub.add_parser("worker", help="(for GUIs) keep a model loaded and segment JSON requests from stdin")
+    p.add_argument("--model", help="installed model name or model folder (default: the bundled model)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="as for segment")
+    p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True, help="as for segment")
+    p.set_defaults(func=_cmd_worker)
 
     p = sub.add_parser("train-bundled", help="re-run the bundled model's training recipe (about 2 h 45 min on 2 CPU cores)")
     add_recipe_arguments(p)

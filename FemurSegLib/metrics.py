@@ -58,6 +58,12 @@ def surface_distances(
     return _distances_to(surface_b, spacing_zyx)[surface_a], _distances_to(surface_a, spacing_zyx)[surface_b]
 
 
+def dice(reference: np.ndarray, other: np.ndarray) -> float:
+    """2TP / (2TP + FP + FN) of two boolean masks; 1.0 when both are empty (they agree)."""
+    total = np.count_nonzero(reference) + np.count_nonzero(other)
+    return 2 * np.count_nonzero(reference & other) / total if total else 1.0
+
+
 def compare_masks(reference: np.ndarray, other: np.ndarray, spacing_zyx: tuple[float, float, float]) -> Agreement:
     """Agreement of two boolean (z, y, x) masks on the same grid."""
     if reference.shape != other.shape:
@@ -73,7 +79,7 @@ def compare_masks(reference: np.ndarray, other: np.ndarray, spacing_zyx: tuple[f
     pooled = np.concatenate([forward, backward])
     voxel_ml = float(np.prod(spacing_zyx)) / 1000.0
     return Agreement(
-        dice=2 * tp / (2 * tp + fp + fn),
+        dice=dice(reference, other),
         sensitivity=tp / (tp + fn),
         specificity=tn / (tn + fp) if tn + fp else 1.0,
         asd_mm=float(pooled.sum() / pooled.size),

@@ -27,13 +27,21 @@ def _save(figure, path: Path) -> None:
         figure.savefig(temporary, format="png", dpi=80)
 
 
-def overlay_png(ct: sitk.Image, masks: dict[str, sitk.Image], path: Path, compare: tuple[str, str]) -> list[int]:
-    """Contours of every mask on the axial, coronal and sagittal slices where ``compare`` disagree most."""
+def overlay_png(ct: sitk.Image, masks: dict[str, sitk.Image], path: Path, compare: tuple[str, str] | None = None,
+                title: str | None = None) -> list[int]:
+    """Contours of every mask on the axial, coronal and sagittal slices where ``compare`` disagree most.
+
+    Without ``compare`` (one result, nothing to hold it against) the slices are where the first mask is largest.
+    """
     plt = _pyplot()
     hu = sitk.GetArrayViewFromImage(ct)
     arrays = {name: sitk.GetArrayViewFromImage(mask) != 0 for name, mask in masks.items()}
-    first, second = (arrays[name] for name in compare)
-    indices = [worst_slice(first, second, axis) for axis in range(3)]
+    first, second = (arrays[name] for name in compare) if compare else (next(iter(arrays.values())), None)
+    if second is not None:
+        indices = [worst_slice(first, second, axis) for axis in range(3)]
+    else:
+        indices = [int(np.argmax(first.sum(axis=tuple(a for a in range(3) if a != axis)))) if first.any()
+                   else hu.shape[axis] // 2 for axis in range(3)]
     figure, axes = plt.subplots(1, 3, figsize=(18, 6))
     for axis, (index, ax) in enumerate(zip(indices, axes)):
         cut = [slice(None)] * 3
@@ -43,11 +51,16 @@ def overlay_png(ct: sitk.Image, masks: dict[str, sitk.Image], path: Path, compar
             piece = array[tuple(cut)]
             if piece.any():
                 ax.contour(piece, [0.5], colors=CONTOUR_COLOURS.get(name, "white"), linewidths=1.0)
-        disagreement = int(np.count_nonzero(first[tuple(cut)] != second[tuple(cut)]))
-        ax.set_title(f"{'zyx'[axis]} = {index}: {disagreement} voxels differ ({compare[0]} vs {compare[1]})")
+        if second is not None:
+            disagreement = int(np.count_nonzero(first[tuple(cut)] != second[tuple(cut)]))
+            ax.set_title(f"{'zyx'[axis]} = {index}: {disagreement} voxels differ ({compare[0]} vs {compare[1]})")
+        else:
+            ax.set_title(f"{'zyx'[axis]} = {index}")
         ax.axis("off")
     handles = [plt.Line2D([], [], color=CONTOUR_COLOURS.get(n, "white"), label=n) for n in arrays]
     figure.legend(handles=handles, loc="lower center", ncol=len(handles))
+    if title:
+        figure.suptitle(title)
     figure.tight_layout(rect=(0, 0.06, 1, 1))
     _save(figure, path)
     plt.close(figure)

@@ -26,7 +26,7 @@ from vtkmodules.vtkCommonCore import vtkDoubleArray, vtkStringArray
 from vtkmodules.vtkCommonDataModel import vtkImageData
 from vtkmodules.vtkCommonMath import vtkMatrix4x4
 
-from . import dataset, metrics
+from . import dataset, metrics, surface
 from .errors import FemurSegError
 from .fill import FillParameters, compute_fill
 from .imageio import check_ct, check_volume, mask_array, read_label, require_same_grid
@@ -156,6 +156,40 @@ def detect_laterality(label: sitk.Image, ct: sitk.Image, margin: float = 0.1) ->
     if half_width == 0 or abs(offset_left) < margin * half_width:
         return None
     return "left" if offset_left > 0 else "right"
+
+
+def femur_segment_name(side: str) -> str:
+    """'Femur left (nnU-Net)' / 'Femur right (nnU-Net)'; SEGMENT_NNUNET when the side could not be told."""
+    return f"Femur {side} (nnU-Net)" if side in LATERALITY_CODES else SEGMENT_NNUNET
+
+
+def add_femur_segments(scene: Any, seg_logic: Any, label: sitk.Image, ct_volume_node: Any,
+                       femurs: Sequence[Any]) -> Any | None:
+    """The segmentation result as one node with a segment per femur (``inference.Femur``: side, label value),
+    each with its SNOMED laterality; None when no femur was found (nothing is added)."""
+    if not femurs:
+        return None
+    ct = sitk_from_volume_node(ct_volume_node)
+    require_same_grid(ct, label, f"the CT '{ct_volume_node.GetName()}'", "the nnU-Net label")
+    values = sitk.GetArrayViewFromImage(label)
+    segmentation_node = slicer.vtkMRMLSegmentationNode()
+    segmentation_node.SetName(f"{ct_volume_node.GetName()} {SEGMENT_NNUNET}")
+    with _removed_on_failure(scene, segmentation_node):
+        segmentation_node.CreateDefaultDisplayNodes()
+        segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(ct_volume_node)
+        for femur in femurs:
+            segment = _import_mask(seg_logic, segmentation_node, values == femur.value, ct,
+                                   femur_segment_name(femur.side), COLOR_NNUNET)
+            segment.SetTerminology(femur_terminology(femur.side if femur.side in LATERALITY_CODES else None))
+    return segmentation_node
+
+
+def describe_result(femurs: Sequence[Any], warnings: Sequence[str]) -> str:
+    """One status line for the GUIs: what was found, and every plausibility warning (guard.py)."""
+    found = ", ".join(f"{femur_segment_name(f.side).removesuffix(' (nnU-Net)')} {f.volume_ml:.0f} ml" for f in femurs)
+    others = [warning for warning in warnings if femurs or warning != "no femur found"]
+    text = f"Found {found}." if femurs else "No femur found."
+    return text + (f" Warning: {'; '.join(others)}." if others else "")
 
 
 def add_label_as_segment(scene: Any, seg_logic: Any, label: sitk.Image, ct_volume_node: Any,
@@ -298,10 +332,10 @@ def compare_segmentations(scene: Any, seg_logic: Any, reference_seg_node: Any, o
                           other_segment_id: str | None = None) -> Comparison:
     """Metrics table, "nnU-Net only"/"fill only" segments and the worst axial slice of reference vs other."""
     ct = sitk_from_volume_node(ct_volume_node)
-    reference = segment_to_sitk(scene, seg_logic, reference_seg_node, reference_segment_id, ct_volume_node)
-    other = segment_to_sitk(scene, seg_logic, other_seg_node, other_segment_id, ct_volume_node)
-    agreement = metrics.compare_images(reference, other)
-    reference_mask, other_mask = mask_array(reference), mask_array(other)
+    reference_mask = _femur_mask(scene, seg_logic, reference_seg_node, reference_segment_id, ct_volume_node)
+    other_mask = _femur_mask(scene, seg_logic, other_seg_node, other_segment_id, ct_volume_node)
+    spacing_zyx = tuple(float(v) for v in reversed(ct.GetSpacing()))
+    agreement = metrics.compare_masks(reference_mask, other_mask, spacing_zyx)
     worst = metrics.worst_slice(reference_mask, other_mask, axis=0)
     centre = ((ct.GetSize()[0] - 1) / 2.0, (ct.GetSize()[1] - 1) / 2.0, float(worst))
     worst_ras = tuple(float(v) for v in LPS_TO_RAS @ np.array(ct.TransformContinuousIndexToPhysicalPoint(centre)))
@@ -330,6 +364,18 @@ def compare_segmentations(scene: Any, seg_logic: Any, reference_seg_node: Any, o
                      COLOR_FILL_ONLY)
         scene.AddNode(table_node)
     return Comparison(table_node, disagreement_node, agreement, worst, worst_ras)
+
+
+def _femur_mask(scene: Any, seg_logic: Any, segmentation_node: Any, segment_id: str | None,
+                ct_volume_node: Any) -> np.ndarray:
+    """One segment's voxels; with no segment chosen, every femur segment of the node (left and right together)."""
+    if segment_id is None and segmentation_node is not None \
+            and segmentation_node.GetSegmentation().GetNumberOfSegments() > 1:
+        segmentation = segmentation_node.GetSegmentation()
+        ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+        return np.logical_or.reduce([mask_array(segment_to_sitk(scene, seg_logic, segmentation_node, i, ct_volume_node))
+                                     for i in ids])
+    return mask_array(segment_to_sitk(scene, seg_logic, segmentation_node, segment_id, ct_volume_node))
 
 
 def dataset_femur_value(dataset_dir: str | os.PathLike) -> int:
@@ -363,6 +409,18 @@ def export_segment(scene: Any, seg_logic: Any, segmentation_node: Any, segment_i
                                  "segment": segmentation_node.GetSegmentation().GetSegment(segment_id).GetName()})
     return dataset.export_case(ct, label, dataset_dir, case, test=test, replace=replace, provenance=record,
                                force=force)
+
+
+def export_segment_surface(scene: Any, seg_logic: Any, segmentation_node: Any, segment_id: str | None,
+                           ct_volume_node: Any, path: str | os.PathLike,
+                           options: surface.SurfaceOptions = surface.SurfaceOptions()) -> surface.SurfaceCheck:
+    """One segment's watertight surface for meshing, made from its voxels exactly as ``femurseg surface`` does.
+
+    Slicer's closed-surface representation is for display (its smoothing and decimation are the viewer's); the
+    file is made from the segment's labelmap on the CT grid, so it is the same for the CLI, batch and both GUIs.
+    """
+    label = segment_to_sitk(scene, seg_logic, segmentation_node, segment_id, ct_volume_node)
+    return surface.write_label_surface(label, path, options)
 
 
 # --- scene bookkeeping ----------------------------------------------------------------------------------------

@@ -135,4 +135,11 @@ class FemurSegPanel(html.Div):
                     VRadio(label="test", value="test", id="fs-split-test")
                 VBtn("Export", id="fs-export", click="trigger('fs_export', [fs_dataset, fs_case, fs_split, fs_target_segment])", color="primary", size="small",
                      disabled=("fs_busy || !fs_ct_name",))
+                with html.Div(classes="d-flex align-center mt-2"):
+                    VSelect(v_model=("fs_surface_format", "stl"), items=("['stl', 'vtk', 'vtp', 'obj']",),
+                            id="fs-surface-format", label="Surface", density="compact", hide_details=True,
+                            style="max-width: 110px;", classes="mr-2")
+                    VBtn("Export surface", id="fs-export-surface", size="small", variant="tonal",
+                         click="trigger('fs_export_surface', [fs_case, fs_surface_format, fs_target_segment])",
+                         disabled=("fs_busy || !fs_ct_name",))
                 html.Div("Datasets root: {{ fs_datasets_root }}", classes="text-caption mt-1")

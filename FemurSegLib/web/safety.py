@@ -16,8 +16,10 @@ import SimpleITK as sitk
 from ..dataset import CASE_NAME, DATASET_FOLDER
 from ..errors import FemurSegError
 from ..imageio import IMAGE_SUFFIXES, image_suffix, read_ct, read_label
+from ..surface import SURFACE_FORMATS
 
 DEFAULT_MAX_UPLOAD_BYTES = 512 * 1024**2
+SURFACES_FOLDER = "Surfaces"
 
 
 def resolve_inside(text: str, roots: list[Path], what: str) -> Path:
@@ -58,6 +60,19 @@ def check_case_name(case: str) -> str:
     if not CASE_NAME.fullmatch(case):
         raise FemurSegError(f"Case name '{case}' may only use letters, digits, '_' and '-'.")
     return case
+
+
+def surface_path_inside(datasets_root: Path, case: str, file_format: str) -> Path:
+    """``datasets_root/Surfaces/<case>.<format>`` (folder created), refused if the folder leads outside the root."""
+    if file_format not in SURFACE_FORMATS:
+        raise FemurSegError(f"Surface format '{file_format}' must be one of {', '.join(SURFACE_FORMATS)}.")
+    case = check_case_name(case)
+    root = datasets_root.resolve()
+    folder = root / SURFACES_FOLDER
+    folder.mkdir(exist_ok=True)
+    if folder.resolve() != folder:
+        raise FemurSegError(f"{folder} leads outside {root} (a symlink?); refused.")
+    return folder / f"{case}.{file_format}"
 
 
 def check_upload_size(name: str, size: int, max_bytes: int) -> None:

@@ -1,9 +1,9 @@
 """What the FemurSeg panel's buttons do, on the Slicer scene of one trame-slicer app.
 
-Long steps never block the server: segmentation runs in a child process (:class:`SegmentationProcess`) polled
-by an asyncio task that copies its progress into the trame state; fill runs in a worker thread. Scene work
-(MRML is not thread-safe) stays on the event loop and goes through :mod:`FemurSegLib.scene`, shared with
-desktop Slicer. Problems the user can fix arrive as FemurSegError and are shown in the page as they are.
+Long steps never block the server: segmentation runs in a warm child process (:class:`SegmentationWorker`, the
+model stays loaded between Segments) polled by an asyncio task that copies its progress into the trame state;
+fill runs in a worker thread. Scene work (MRML is not thread-safe) stays on the event loop and goes through
+:mod:`FemurSegLib.scene`, shared with desktop Slicer. Problems the user can fix arrive as FemurSegError and are shown in the page as they are.
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ from ..demo import SAMPLE_CT
 from ..errors import FemurSegError
 from ..fill import compute_fill
 from ..imageio import read_ct, read_image, read_label
-from ..runner import SegmentationProcess
+from ..runner import SegmentationJob, SegmentationWorker
 from .panel import METRIC_ROWS
-from .safety import check_case_name, check_upload_size, dataset_dir_inside, resolve_inside, validated_upload
+from .safety import (SURFACES_FOLDER, check_case_name, check_upload_size, dataset_dir_inside, resolve_inside,
+                     surface_path_inside, validated_upload)
 
 logger = logging.getLogger(__name__)
 POLL_S = 0.25
@@ -55,7 +56,8 @@ class Workflow:
         self.volume_node: Any = None
         self.drafts: dict[str, Any] = {}  # segment name -> its segmentation node
         self.comparison: scene.Comparison | None = None
-        self.process: SegmentationProcess | None = None
+        self.worker = SegmentationWorker()
+        self.process: SegmentationJob | None = None
         self.state.update({
             "fs_message": "", "fs_message_type": "info", "fs_ct_name": "", "fs_busy": False, "fs_uploading": False,
             "fs_segmenting": False, "fs_progress": 0.0, "fs_stage": "", "fs_metrics": [], "fs_worst_slice": "",
@@ -67,6 +69,7 @@ class Workflow:
         self.server.trigger("fs_open_path")(self.open_path)
         self.server.trigger("fs_load_fill_path")(self.load_fill_path)
         self.server.trigger("fs_export")(self.export)
+        self.server.trigger("fs_export_surface")(self.export_surface)
         self.state.change("fs_target_segment")(self._on_target_segment)
         # Segments added or selected in the Segment Editor show up in (and drive) the panel's segment choice.
         editor = slicer_app.segmentation_editor
@@ -80,8 +83,7 @@ class Workflow:
 
     def close(self) -> None:
         """Stop a running segmentation and remove this session's temporary files."""
-        if self.process is not None:
-            self.process.cancel()
+        self.worker.close()  # cancels a running segmentation
         shutil.rmtree(self.work_dir, ignore_errors=True)
 
     # -- messages ---------------------------------------------------------------------------------------------
@@ -116,7 +118,7 @@ class Workflow:
     def load_fill_path(self, text: str) -> None:
         def run() -> None:
             path = resolve_inside(str(text or ""), self.open_roots, "fill label")
-            self._set_draft(scene.SEGMENT_FILL, read_label(path, "fill label"))
+            self._show_fill(read_label(path, "fill label"))
             self._say(f"Loaded fill label {path.name}.", "success")
         self._guarded("Loading the fill", run)
 
@@ -134,7 +136,7 @@ class Workflow:
                 self._load_ct(path, image, name)
             else:
                 path.unlink(missing_ok=True)
-                self._set_draft(scene.SEGMENT_FILL, image)
+                self._show_fill(image)
                 self._say(f"Loaded fill label {name}.", "success")
         try:
             self._guarded("Upload", run)
@@ -178,12 +180,13 @@ class Workflow:
             raise FemurSegError("Load a CT first.")
         return self.ct_image
 
-    def _set_draft(self, segment_name: str, label: sitk.Image) -> None:
-        """Show a draft as its own segmentation node (replacing an older one), compare when both exist."""
+    def _show_fill(self, label: sitk.Image) -> None:
         self._require_ct()
-        colour = scene.COLOR_NNUNET if segment_name == scene.SEGMENT_NNUNET else scene.COLOR_FILL
-        node = scene.add_label_as_segment(self.slicer_app.scene, self.seg_logic, label, self.volume_node,
-                                          segment_name, colour)
+        self._set_draft(scene.SEGMENT_FILL, scene.add_label_as_segment(
+            self.slicer_app.scene, self.seg_logic, label, self.volume_node, scene.SEGMENT_FILL, scene.COLOR_FILL))
+
+    def _set_draft(self, segment_name: str, node: Any) -> None:
+        """Show a draft node (replacing an older one of its kind), compare when both exist."""
         old = self.drafts.pop(segment_name, None)
         self._remove_nodes([old] if old is not None else [])
         self._remove_empty_segmentations()
@@ -277,16 +280,14 @@ class Workflow:
             self._require_ct()
             if self.process is not None:
                 raise FemurSegError("A segmentation is already running.")
-            output = self.work_dir / "nnunet.nii.gz"
-            output.unlink(missing_ok=True)
-            self.process = SegmentationProcess(self.ct_path, output)
+            self.process = self.worker.segment(self.ct_image)
             with self.state:
                 self.state.update({"fs_segmenting": True, "fs_progress": 0.0, "fs_stage": "starting"})
             self._say("Segmenting…")
             asyncio.get_event_loop().create_task(self._watch(self.process))
         self._guarded("Segmentation", run)
 
-    async def _watch(self, process: SegmentationProcess) -> None:
+    async def _watch(self, process: SegmentationJob) -> None:
         """Mirror the child's progress into the page until it ends, then show its label."""
         while True:
             state = process.poll()
@@ -305,12 +306,18 @@ class Workflow:
         elif state.error:
             self._say(state.error, "error")
         elif state.output is not None:
-            self._guarded("Showing the segmentation", lambda: self._finish_segment(state.output))
+            self._guarded("Showing the segmentation", lambda: self._finish_segment(process))
 
-    def _finish_segment(self, output: Path) -> None:
-        self._set_draft(scene.SEGMENT_NNUNET, read_image(output, "nnU-Net label"))
-        compared = " and compared with fill" if self.state.fs_metrics else ""
-        self._say(f"Segmentation done{compared}.", "success")
+    def _finish_segment(self, process: SegmentationJob) -> None:
+        label = process.result()
+        self._require_ct()
+        node = scene.add_femur_segments(self.slicer_app.scene, self.seg_logic, label, self.volume_node,
+                                        process.state.femurs)
+        if node is not None:
+            self._set_draft(scene.SEGMENT_NNUNET, node)
+        compared = " Compared with fill." if node is not None and self.state.fs_metrics else ""
+        summary = scene.describe_result(process.state.femurs, process.state.warnings)
+        self._say(summary + compared, "success" if node is not None and not process.state.warnings else "warning")
 
     def cancel(self) -> None:
         process, self.process = self.process, None
@@ -325,7 +332,7 @@ class Workflow:
             self._say("Computing fill…")
             label = await asyncio.to_thread(compute_fill, ct)
             if ct is self.ct_image:
-                self._guarded("Showing the fill", lambda: self._set_draft(scene.SEGMENT_FILL, label))
+                self._guarded("Showing the fill", lambda: self._show_fill(label))
                 self._say("Fill computed" + (" and compared with nnU-Net." if self.state.fs_metrics else "."),
                           "success")
         except FemurSegError as error:
@@ -359,3 +366,18 @@ class Workflow:
                       f"{result.image_path.name}, {result.label_path.name}; numTraining {result.num_training}.",
                       "success")
         self._guarded("Export", run)
+
+    def export_surface(self, case_name: str, file_format: str, target_key: str) -> None:
+        """The chosen segment's watertight surface (LPS, as ``femurseg surface``) into ``datasets_root/Surfaces``."""
+        def run() -> None:
+            self._require_ct()
+            path = surface_path_inside(self.datasets_root, str(case_name or ""), str(file_format or ""))
+            target = self._segments().get(str(target_key or ""))
+            if target is None:
+                raise FemurSegError("No segment to export yet: segment, compute or load a fill, or add one in the Segment Editor.")
+            node, segment_id, name = target
+            check = scene.export_segment_surface(self.slicer_app.scene, self.seg_logic, node, segment_id,
+                                                 self.volume_node, path)
+            self._say(f"Saved the surface of '{name}' as {SURFACES_FOLDER}/{path.name}: {check.describe()}.",
+                      "warning" if check.problems() else "success")
+        self._guarded("Surface export", run)

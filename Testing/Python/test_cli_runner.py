@@ -1,4 +1,4 @@
-"""The femurseg command line and the subprocess runner, as a user or a GUI calls them."""
+"""The femurseg command line as a user calls it (the GUIs' warm worker: test_worker.py)."""
 
 from __future__ import annotations
 
@@ -6,16 +6,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import SimpleITK as sitk
 
 from FemurSegLib.demo import SAMPLE_CT, SAMPLE_LABEL
 from FemurSegLib.metrics import compare_images
-from FemurSegLib.runner import SegmentationProcess
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -85,48 +82,6 @@ def test_output_into_missing_folder_is_refused(tmp_path):
     assert result.returncode == 2 and "does not exist" in result.stderr
 
 
-def test_runner_reports_progress_and_writes_the_label(tmp_path):
-    output = tmp_path / "femur.nrrd"
-    process = SegmentationProcess(SAMPLE_CT, output, device="cpu")
-    seen: set[float] = set()
-    deadline = time.monotonic() + 240
-    while not process.poll().finished and time.monotonic() < deadline:
-        seen.add(process.state.progress)
-        time.sleep(0.05)
-    state = process.wait_for_completion(timeout_s=10)
-    assert state.error is None and state.output == output and output.is_file()
-    assert len(seen) > 2, "the caller saw progress move"
-    label = sitk.ReadImage(str(output))
-    assert label.GetSize() == sitk.ReadImage(str(SAMPLE_CT)).GetSize()
-    assert np.count_nonzero(sitk.GetArrayViewFromImage(label)) > 0
-
-
-def test_runner_cancel_kills_the_process_group_and_leaves_no_output(tmp_path):
-    output = tmp_path / "femur.nrrd"
-    process = SegmentationProcess(SAMPLE_CT, output, device="cpu")
-    deadline = time.monotonic() + 120
-    while process.poll().progress < 0.05 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert process.state.stage in ("predicting", "preparing")
-    started = time.perf_counter()
-    process.cancel()
-    assert time.perf_counter() - started < 2.0
-    assert process.state.cancelled and process.state.finished and process.state.error is None
-    with pytest.raises(ProcessLookupError):
-        os.killpg(process._process.pid, 0)
-    assert not output.exists() and not list(tmp_path.iterdir())
-
-
-def test_runner_reports_a_bad_input_as_a_message(tmp_path):
-    bad = tmp_path / "bad.nrrd"
-    bad.write_text("nope")
-    process = SegmentationProcess(bad, tmp_path / "out.nrrd", device="cpu")
-    from FemurSegLib.errors import FemurSegError
-
-    with pytest.raises(FemurSegError, match="could not be read"):
-        process.wait_for_completion(timeout_s=120)
-
-
 def test_every_cli_argument_has_help_and_usage_errors_are_one_line():
     import argparse
 
@@ -134,8 +89,7 @@ def test_every_cli_argument_has_help_and_usage_errors_are_one_line():
 
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    # train-bundled's options come from FemurSegLib.training.add_recipe_arguments (owned by the training recipe).
-    missing = [f"{name} {action.dest}" for name, command in commands.items() if name != "train-bundled"
+    missing = [f"{name} {action.dest}" for name, command in commands.items()
                for action in command._actions if not action.help]
     assert missing == []
     result = femurseg("segment", "ct.nrrd")

@@ -157,7 +157,12 @@ class Page:
 
         self.driver, self.by = driver, By
         driver.get(url)
-        _wait(lambda: driver.find_elements(By.ID, "fs-load-sample"), 60, "the FemurSeg panel")
+        # The server keeps the page's state across loads: an earlier test may have left the other tab open.
+        _wait(lambda: driver.find_elements(By.ID, "fs-tab-femurseg"), 60, "the FemurSeg tab")
+        driver.find_element(By.ID, "fs-tab-femurseg").click()
+        _wait(lambda: any(e.is_displayed() for e in driver.find_elements(By.ID, "fs-load-sample")), 60,
+              "the FemurSeg panel")
+        time.sleep(0.5)  # the tab's slide transition: buttons that are still moving refuse clicks
 
     def element(self, element_id: str):
         return self.driver.find_element(self.by.ID, element_id)
@@ -316,4 +321,50 @@ def test_segment_compare_paint_export(web_server, browser, artifacts_dir):
     painted = _label_voxels(label) - _label_voxels(draft)
     assert painted > 20, f"the stroke added {painted} voxels to the label"
     assert sitk.ReadImage(str(image)).GetSize() == sitk.ReadImage(str(label)).GetSize()
+    assert "Traceback" not in log_path.read_text()
+
+
+def test_warm_segment_then_surface_export(web_server, browser):
+    """The worker stays warm across Segments; the draft's surface goes to <datasets root>/Surfaces, closed and in
+    the coordinates of the label the same segment exports to."""
+    from vtkmodules.util import numpy_support
+    from vtkmodules.vtkIOGeometry import vtkSTLReader
+
+    url, datasets_root, log_path = web_server
+    page = Page(browser, url)
+    page.click("fs-load-sample")
+    page.expect("Loaded FemurPhantom05.nrrd")
+    page.dismiss()
+    page.click("fs-segment")
+    page.expect("Segmentation done", timeout_s=120)
+    page.dismiss()
+    page.type("fs-case", "../escape")
+    page.click("fs-export-surface")
+    page.expect("may only use letters")
+    page.dismiss()
+    page.type("fs-case", "surface01")
+    page.click("fs-export-surface")
+    page.expect("Saved the surface of 'Femur (nnU-Net)' as Surfaces/surface01.stl: watertight", timeout_s=60)
+    page.dismiss()
+    page.type("fs-dataset", "Dataset102_SurfaceCheck")
+    page.click("fs-export")
+    page.expect("Exported 'Femur (nnU-Net)' as case surface01", timeout_s=60)
+    assert not list(datasets_root.glob("**/escape*"))
+
+    label = sitk.ReadImage(str(datasets_root / "Dataset102_SurfaceCheck" / "labelsTr" / "surface01.nii.gz"))
+    reader = vtkSTLReader()
+    reader.SetFileName(str(datasets_root / "Surfaces" / "surface01.stl"))
+    reader.Update()
+    points = numpy_support.vtk_to_numpy(reader.GetOutput().GetPoints().GetData()).astype(float)
+    triangles = numpy_support.vtk_to_numpy(reader.GetOutput().GetPolys().GetConnectivityArray()).reshape(-1, 3)
+    edges = np.sort(np.concatenate([triangles[:, [0, 1]], triangles[:, [1, 2]], triangles[:, [2, 0]]]), axis=1)
+    assert np.all(np.unique(edges, axis=0, return_counts=True)[1] == 2), "not watertight"
+    a, b, c = (points[triangles[:, i]] for i in range(3))
+    tetrahedra = np.einsum("ij,ij->i", a, np.cross(b, c)) / 6.0  # signed, with the origin: divergence theorem
+    mask = sitk.GetArrayFromImage(label) != 0
+    assert tetrahedra.sum() == pytest.approx(mask.sum() * np.prod(label.GetSpacing()), rel=0.01)
+    solid_centroid = (tetrahedra[:, None] * (a + b + c) / 4).sum(axis=0) / tetrahedra.sum()
+    centroid_index = np.argwhere(mask).mean(axis=0)[::-1]
+    centroid_lps = np.array(label.TransformContinuousIndexToPhysicalPoint(tuple(float(v) for v in centroid_index)))
+    assert np.allclose(solid_centroid, centroid_lps, atol=0.5), "the surface is not where the label is (LPS)"
     assert "Traceback" not in log_path.read_text()
