@@ -23,6 +23,7 @@ from vtkmodules.util import numpy_support
 from vtkmodules.vtkIOGeometry import vtkSTLReader
 
 from FemurSegLib import batch
+from FemurSegLib.inference import Femur
 from FemurSegLib.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -200,8 +201,9 @@ def test_rows_of_an_empty_label_and_of_comparisons():
     empty = sitk.Image(ct.GetSize(), sitk.sitkUInt8)
     empty.CopyInformation(ct)
     case = batch.Case("x", Path("x.nrrd"))
-    row, = batch.case_rows(case, batch.CaseResult(ct, empty), 1.0, "m")
-    assert row["warnings"] == "empty label: no femur found" and row["volume_ml"] == "0.000" and row["mean_hu"] == ""
+    row, = batch.case_rows(case, batch.CaseResult(ct, empty, warnings=["no femur found"]), 1.0, "m")
+    assert row["side"] == "none" and row["warnings"] == "no femur found"
+    assert row["volume_ml"] == "0.000" and row["mean_hu"] == ""
     mask = np.zeros((4, 5, 6), dtype=np.uint8)
     mask[1:3, 1:4, 2:5] = 1
     other = mask.copy()
@@ -209,11 +211,28 @@ def test_rows_of_an_empty_label_and_of_comparisons():
     label, fill = sitk.GetImageFromArray(mask), sitk.GetImageFromArray(other)
     for image in (label, fill):
         image.CopyInformation(ct)
-    row, = batch.case_rows(case, batch.CaseResult(ct, label, fill=fill, truth=label), 1.0, "m")
+    femur = Femur(side="left", value=1, volume_ml=0.018, warnings=("left: 0.0 ml is less than a femoral head",))
+    row, = batch.case_rows(case, batch.CaseResult(ct, label, femurs=(femur,), fill=fill, truth=label), 1.0, "m")
+    assert row["side"] == "left" and row["warnings"] == femur.warnings[0]
     assert float(row["fill_dice"]) == pytest.approx(numpy_dice(mask != 0, other != 0), abs=1e-4)
-    assert row["truth_dice"] == "1.0000" and row["warnings"] == ""
+    assert row["truth_dice"] == "1.0000"
     assert float(row["volume_ml"]) == pytest.approx(18 * 1.0 / 1000, abs=1e-6)
     assert float(row["mean_hu"]) == pytest.approx(np.arange(120).reshape(4, 5, 6)[mask != 0].mean(), abs=0.05)
+
+
+def test_a_bilateral_case_gives_one_row_per_femur_each_compared_within_its_reach():
+    values = np.zeros((6, 8, 20), dtype=np.uint8)
+    values[1:5, 2:6, 2:8], values[1:5, 2:6, 12:18] = 1, 2  # left = 1, right = 2
+    truth = (values != 0).astype(np.uint8)
+    truth[1, 2:6, 12:18] = 0  # the right femur's truth lacks one slice
+    ct, label, reference = (sitk.GetImageFromArray(a) for a in (values.astype(np.int16) * 500, values, truth))
+    femurs = (Femur("left", 1, 0.096, ()), Femur("right", 2, 0.096, ()))
+    rows = batch.case_rows(batch.Case("x", Path("x.nrrd")), batch.CaseResult(ct, label, femurs=femurs, truth=reference),
+                           1.0, "m")
+    assert [row["side"] for row in rows] == ["left", "right"]
+    assert rows[0]["truth_dice"] == "1.0000"
+    assert float(rows[1]["truth_dice"]) == pytest.approx(numpy_dice(values == 2, (truth != 0) & (values != 1)), abs=1e-4)
+    assert [float(row["volume_ml"]) for row in rows] == pytest.approx([0.096, 0.096])
 
 
 def test_done_means_same_settings(tmp_path):
