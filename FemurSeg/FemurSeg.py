@@ -314,7 +314,7 @@ class FemurSegLogic(ScriptedLoadableModuleLogic):
 
     def segmentBlocking(self, ctNode, model: str | None = None, device: str = "auto", fast: bool = True,
                         progress=None, cancel: threading.Event | None = None):
-        """In-process segmentation for scripts and tests (blocks the GUI)."""
+        """In-process segmentation for scripts and tests (blocks the GUI): (femur node or None, result)."""
         from FemurSegLib import inference, models, scene
 
         segmenter = inference.Segmenter(models.resolve_model(model).root, inference.InferenceOptions(device, fast))
@@ -384,7 +384,7 @@ class FemurSegTest(ScriptedLoadableModuleTest):
         ct, truth, _shape = phantom.generate_phantom(5)
         ctNode = scene.add_volume_node(slicer.mrmlScene, ct, "FemurPhantom05")
         self.delayDisplay("Segmenting (blocking)")
-        nnNode = logic.segmentBlocking(ctNode, device="cpu", fast=True)
+        nnNode, _result = logic.segmentBlocking(ctNode, device="cpu", fast=True)
         nnArray = slicer.util.arrayFromSegmentBinaryLabelmap(nnNode, nnNode.GetSegmentation().GetNthSegmentID(0),
                                                              ctNode) != 0
         self.assertGreater(metrics.compare_masks(sitk.GetArrayFromImage(truth) != 0, nnArray, (1.0, 1.0, 1.0)).dice,

@@ -342,7 +342,7 @@ class Segmenter:
 
     def _assemble(self, masks: list[np.ndarray], oriented: sitk.Image,
                   spacing: np.ndarray) -> tuple[list[Femur], np.ndarray]:
-        sides = _sides(masks, oriented)
+        sides = femur_sides(masks, oriented)
         label = np.zeros(oriented.GetSize()[::-1], dtype=np.uint8)
         femurs = []
         for mask, side in zip(masks, sides):
@@ -380,8 +380,10 @@ def _resample_to_spacing(image: sitk.Image, spacing_xyz: np.ndarray, interpolato
                          tuple(float(s) for s in spacing_xyz), image.GetDirection(), default, sitk.sitkFloat32)
 
 
-def _sides(masks: list[np.ndarray], oriented: sitk.Image) -> list[str]:
-    """Left/right per femur mask (LPS grid): by position with two, by head-medial-to-shaft with one."""
+def femur_sides(masks: list[np.ndarray], oriented: sitk.Image) -> list[str]:
+    """'left'/'right'/'femur' (unknown) per femur mask on ``oriented``'s grid: with two femurs by position (the one
+    towards LPS +x is the patient's left), with one by its head lying medial to its shaft when the shaft runs along
+    the scanner's z axis (in-vivo); a specimen lying in any other direction gives 'femur'."""
     if not masks:
         return []
     centroids = [np.array(oriented.TransformContinuousIndexToPhysicalPoint(

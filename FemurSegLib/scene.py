@@ -30,6 +30,7 @@ from . import dataset, metrics, surface
 from .errors import FemurSegError
 from .fill import FillParameters, compute_fill
 from .imageio import check_ct, check_volume, mask_array, read_label, require_same_grid
+from .inference import femur_sides
 
 SEGMENT_NNUNET = "Femur (nnU-Net)"
 SEGMENT_FILL = "Femur (fill)"
@@ -138,24 +139,13 @@ def femur_terminology(laterality: str | None) -> str:
         modifier[0], "SCT" if modifier[0] else "", modifier[1], "", "", "", "", "", "", "")
 
 
-def detect_laterality(label: sitk.Image, ct: sitk.Image, margin: float = 0.1) -> str | None:
-    """'left'/'right' when the femur lies clearly in one half of the field of view (bilateral hip CT), else None.
-
-    An isolated femur fills the field of view, so its side cannot be told from its position: then None.
-    """
+def detect_laterality(label: sitk.Image, ct: sitk.Image) -> str | None:
+    """'left'/'right' of a one-femur label by the rule the segmentation uses (inference.femur_sides), else None."""
     mask = mask_array(label)
     if not mask.any():
         return None
-    centroid_index = np.argwhere(mask).mean(axis=0)[::-1]  # (x, y, z) index
-    centre_index = (np.array(ct.GetSize()) - 1) / 2.0
-    femur_lps = np.array(ct.TransformContinuousIndexToPhysicalPoint(tuple(float(v) for v in centroid_index)))
-    centre_lps = np.array(ct.TransformContinuousIndexToPhysicalPoint(tuple(float(v) for v in centre_index)))
-    corner = np.array(ct.TransformContinuousIndexToPhysicalPoint(tuple(float(v) for v in np.array(ct.GetSize()) - 1)))
-    half_width = abs(corner[0] - np.array(ct.GetOrigin())[0]) / 2.0
-    offset_left = femur_lps[0] - centre_lps[0]  # LPS x grows towards the patient's left
-    if half_width == 0 or abs(offset_left) < margin * half_width:
-        return None
-    return "left" if offset_left > 0 else "right"
+    side = femur_sides([mask], label)[0]
+    return side if side in LATERALITY_CODES else None
 
 
 def femur_segment_name(side: str) -> str:
@@ -299,13 +289,14 @@ def _single_segment_id(segmentation_node: Any, segment_id: str | None) -> str:
 # --- the module's actions -------------------------------------------------------------------------------------
 
 def segment_volume_node(scene: Any, seg_logic: Any, ct_volume_node: Any, segmenter: Any,
-                        progress: ProgressCallback | None = None, cancel: threading.Event | None = None,
-                        laterality: str | None = "auto") -> Any:
-    """Run ``segmenter`` (inference.Segmenter) on the CT node; adds "Femur (nnU-Net)". Cancel adds nothing."""
+                        progress: ProgressCallback | None = None,
+                        cancel: threading.Event | None = None) -> tuple[Any | None, Any]:
+    """Run ``segmenter`` (inference.Segmenter) on the CT node: (the node add_femur_segments made, or None when no
+    femur was found; the SegmentationResult with its warnings). Cancel adds nothing."""
     ct = sitk_from_volume_node(ct_volume_node)
     check_ct(ct, f"Volume '{ct_volume_node.GetName()}'")
-    label = segmenter.segment(ct, progress=progress, cancel=cancel)
-    return add_label_as_segment(scene, seg_logic, label, ct_volume_node, SEGMENT_NNUNET, COLOR_NNUNET, laterality)
+    result = segmenter.run(ct, progress=progress, cancel=cancel)
+    return add_femur_segments(scene, seg_logic, result.label, ct_volume_node, result.femurs), result
 
 
 def fill_volume_node(scene: Any, seg_logic: Any, ct_volume_node: Any,

@@ -42,9 +42,10 @@ class RecordingSegmenter:
         self.segmenter = segmenter
         self.label: sitk.Image | None = None
 
-    def segment(self, ct, progress=None, cancel=None):
-        self.label = self.segmenter.segment(ct, progress=progress, cancel=cancel)
-        return self.label
+    def run(self, ct, progress=None, cancel=None):
+        result = self.segmenter.run(ct, progress=progress, cancel=cancel)
+        self.label = result.label
+        return result
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +65,7 @@ def flow(app, segmenter, phantom_factory):
     """load -> segment -> fill -> compare, once for the module."""
     ct, truth, shape = phantom_factory(SEED)
     ct_node = femur_scene.add_volume_node(app.scene, ct, "FemurPhantom05")
-    nn_node = femur_scene.segment_volume_node(app.scene, app.segmentations_logic, ct_node, segmenter,
-                                              laterality=shape.side)
+    nn_node, _ = femur_scene.segment_volume_node(app.scene, app.segmentations_logic, ct_node, segmenter)
     fill_node = femur_scene.fill_volume_node(app.scene, app.segmentations_logic, ct_node, FillParameters())
     comparison = femur_scene.compare_segmentations(app.scene, app.segmentations_logic, nn_node, fill_node, ct_node)
     return dict(ct=ct, truth=truth, shape=shape, ct_node=ct_node, nn_node=nn_node, fill_node=fill_node,
@@ -150,17 +150,41 @@ def test_volume_node_geometry_matches_simpleitk_with_lps_to_ras_flip(app):
     femur_scene._remove_node(app.scene, node)
 
 
-def test_laterality_detected_only_when_the_femur_is_clearly_in_one_half():
-    ct = sitk.Image(40, 10, 10, sitk.sitkInt16)
-    label = sitk.Image(40, 10, 10, sitk.sitkUInt8)
-    label[30:36, 3:6, 3:6] = 1  # high x index = LPS +x = patient's left
+def test_laterality_from_the_femur_shape_in_the_scanner_frame():
+    """A femur along z with its head towards -x (medial for a left femur) is left; along x its side is unknown."""
+    ct = sitk.Image(60, 40, 120, sitk.sitkInt16)
+    label = sitk.Image(60, 40, 120, sitk.sitkUInt8)
+    label[40:46, 17:23, 0:90] = 1  # shaft along z (array axis 0 is image z)
+    label[20:46, 15:25, 90:110] = 1  # neck and head reaching towards low x at the top
     assert femur_scene.detect_laterality(label, ct) == "left"
-    label = sitk.Image(40, 10, 10, sitk.sitkUInt8)
-    label[2:8, 3:6, 3:6] = 1
-    assert femur_scene.detect_laterality(label, ct) == "right"
-    label = sitk.Image(40, 10, 10, sitk.sitkUInt8)
-    label[17:23, 3:6, 3:6] = 1
-    assert femur_scene.detect_laterality(label, ct) is None
+    mirrored = sitk.GetImageFromArray(sitk.GetArrayFromImage(label)[:, :, ::-1].copy())  # head towards +x
+    assert femur_scene.detect_laterality(mirrored, ct) == "right"
+    lying = sitk.PermuteAxes(label, [2, 1, 0])  # the same femur with its shaft along x: a specimen, side unknown
+    assert femur_scene.detect_laterality(lying, lying) is None
+
+
+def test_two_femurs_become_left_and_right_segments_with_snomed_laterality(app):
+    from FemurSegLib.inference import Femur
+
+    values = np.zeros((30, 20, 60), dtype=np.uint8)
+    values[5:25, 5:15, 5:20], values[5:25, 5:15, 40:55] = 2, 1  # right femur at low x (LPS), left at high x
+    ct = sitk.GetImageFromArray(values.astype(np.int16) * 700)
+    ct_node = femur_scene.add_volume_node(app.scene, ct, "bilateral")
+    label = sitk.GetImageFromArray(values)
+    femurs = [Femur("left", 1, 3.0, ()), Femur("right", 2, 3.0, ())]
+    node = femur_scene.add_femur_segments(app.scene, app.segmentations_logic, label, ct_node, femurs)
+    codes = {"left": "7771000", "right": "24028007"}
+    for femur in femurs:
+        name = f"Femur {femur.side} (nnU-Net)"
+        assert np.array_equal(segment_mask(node, name, ct_node), values == femur.value)
+        segment = node.GetSegmentation().GetSegment(node.GetSegmentation().GetSegmentIdBySegmentName(name))
+        assert "^71341001^" in segment.GetTerminology() and f"^{codes[femur.side]}^" in segment.GetTerminology()
+    assert femur_scene.add_femur_segments(app.scene, app.segmentations_logic, label, ct_node, []) is None
+    assert femur_scene.describe_result([], ["no femur found"]) == "No femur found."
+    assert femur_scene.describe_result(femurs, ["left: it is in several pieces"]) == \
+        "Found Femur left 3 ml, Femur right 3 ml. Warning: left: it is in several pieces."
+    femur_scene._remove_node(app.scene, node)
+    femur_scene._remove_node(app.scene, ct_node)
 
 
 # --- the flow -------------------------------------------------------------------------------------------------
@@ -171,8 +195,9 @@ def test_segment_adds_the_segmenter_label_with_femur_terminology(flow):
     dice = metrics.compare_images(flow["truth"], flow["nn_label"]).dice
     assert dice > 0.5, f"bundled model's Dice on phantom {SEED} is {dice:.3f}"
     segment = flow["nn_node"].GetSegmentation().GetNthSegment(0)
-    side_code = {"left": "7771000", "right": "24028007"}[flow["shape"].side]
-    assert "^71341001^" in segment.GetTerminology() and f"^{side_code}^" in segment.GetTerminology()
+    # The phantom lies with its shaft along x, as an ex-vivo specimen may: its side cannot be told, none is set.
+    assert segment.GetName() == femur_scene.SEGMENT_NNUNET and "^71341001^" in segment.GetTerminology()
+    assert "^7771000^" not in segment.GetTerminology() and "^24028007^" not in segment.GetTerminology()
     role = slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()
     reference = flow["nn_node"].GetNodeReference(role)
     assert reference is flow["ct_node"]
@@ -403,3 +428,20 @@ def test_segmentation_with_several_segments_needs_a_segment_choice(app, flow, tm
         femur_scene.export_segment(app.scene, app.segmentations_logic, flow["comparison"].disagreement_node, None,
                                    flow["ct_node"], tmp_path / "Dataset603_Two", "case1")
     assert not (tmp_path / "Dataset603_Two").exists()
+
+
+@pytest.mark.parametrize("case, words", [("raw scanner values", "raw scanner numbers"), ("soft tissue", "No femur found")])
+def test_implausible_cts_are_named_in_the_status(app, segmenter, flow, case, words):
+    """What the guard says reaches the status line the panel and the page show."""
+    if case == "raw scanner values":
+        ct = sitk.Cast(flow["ct"], sitk.sitkInt32) + 1024
+    else:
+        ct = sitk.GetImageFromArray(np.random.default_rng(4).normal(40, 15, (60, 80, 80)).astype(np.int16))
+    node = femur_scene.add_volume_node(app.scene, ct, case)
+    nodes_before = app.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
+    added, result = femur_scene.segment_volume_node(app.scene, app.segmentations_logic, node, segmenter)
+    assert words in femur_scene.describe_result(result.femurs, result.warnings)
+    if case == "soft tissue":
+        assert added is None and app.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == nodes_before
+    for leftover in filter(None, (added, node)):
+        femur_scene._remove_node(app.scene, leftover)

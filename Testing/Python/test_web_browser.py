@@ -271,7 +271,8 @@ def test_segment_compare_paint_export(web_server, browser, artifacts_dir):
     page.click("fs-compute-fill")
     page.expect("Fill computed")
     page.click("fs-segment")
-    page.expect("Segmentation done and compared with fill", timeout_s=120)
+    page.expect("Compared with fill", timeout_s=120)
+    assert "Found Femur" in page.message()
     metrics = page.element("fs-metrics").text
     assert "Dice" in metrics and "95% Hausdorff distance (mm)" in metrics
     dice = float(metrics.split("Dice", 1)[1].split()[0])
@@ -336,7 +337,7 @@ def test_warm_segment_then_surface_export(web_server, browser):
     page.expect("Loaded FemurPhantom05.nrrd")
     page.dismiss()
     page.click("fs-segment")
-    page.expect("Segmentation done", timeout_s=120)
+    page.expect("Found Femur", timeout_s=120)
     page.dismiss()
     page.type("fs-case", "../escape")
     page.click("fs-export-surface")
@@ -368,3 +369,20 @@ def test_warm_segment_then_surface_export(web_server, browser):
     centroid_lps = np.array(label.TransformContinuousIndexToPhysicalPoint(tuple(float(v) for v in centroid_index)))
     assert np.allclose(solid_centroid, centroid_lps, atol=0.5), "the surface is not where the label is (LPS)"
     assert "Traceback" not in log_path.read_text()
+
+
+def test_a_ct_without_a_femur_says_so_and_adds_nothing(web_server, browser, tmp_path):
+    """The guard's words reach the page: a CT of soft tissue only gives "No femur found" and no segment."""
+    url, _, _ = web_server
+    page = Page(browser, url)
+    page.dismiss()
+    soft_tissue = sitk.GetImageFromArray(np.random.default_rng(5).normal(40, 15, (60, 80, 80)).astype(np.int16))
+    path = tmp_path / "soft_tissue.nrrd"
+    sitk.WriteImage(soft_tissue, str(path))
+    page.upload(path)
+    page.expect("Loaded soft_tissue.nrrd")
+    page.dismiss()
+    items_before = browser.execute_script("return document.body.innerText").count("(nnU-Net)")
+    page.click("fs-segment")
+    page.expect("No femur found", timeout_s=120)
+    assert browser.execute_script("return document.body.innerText").count("(nnU-Net)") == items_before
