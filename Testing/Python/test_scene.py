@@ -152,10 +152,10 @@ def test_volume_node_geometry_matches_simpleitk_with_lps_to_ras_flip(app):
 
 def test_laterality_from_the_femur_shape_in_the_scanner_frame():
     """A femur along z with its head towards -x (medial for a left femur) is left; along x its side is unknown."""
-    ct = sitk.Image(60, 40, 120, sitk.sitkInt16)
-    label = sitk.Image(60, 40, 120, sitk.sitkUInt8)
-    label[40:46, 17:23, 0:90] = 1  # shaft along z (array axis 0 is image z)
-    label[20:46, 15:25, 90:110] = 1  # neck and head reaching towards low x at the top
+    ct = sitk.Image(80, 60, 180, sitk.sitkInt16)
+    label = sitk.Image(80, 60, 180, sitk.sitkUInt8)
+    label[45:57, 24:36, 0:150] = 1  # shaft along z
+    label[25:57, 22:38, 150:175] = 1  # neck and head reaching towards low x at the top
     assert femur_scene.detect_laterality(label, ct) == "left"
     mirrored = sitk.GetImageFromArray(sitk.GetArrayFromImage(label)[:, :, ::-1].copy())  # head towards +x
     assert femur_scene.detect_laterality(mirrored, ct) == "right"
