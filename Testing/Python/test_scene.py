@@ -159,7 +159,8 @@ def test_laterality_from_the_femur_shape_in_the_scanner_frame():
     assert femur_scene.detect_laterality(label, ct) == "left"
     mirrored = sitk.GetImageFromArray(sitk.GetArrayFromImage(label)[:, :, ::-1].copy())  # head towards +x
     assert femur_scene.detect_laterality(mirrored, ct) == "right"
-    lying = sitk.PermuteAxes(label, [2, 1, 0])  # the same femur with its shaft along x: a specimen, side unknown
+    # The same voxels with the shaft along x (identity direction): a specimen lying on the table, side unknown.
+    lying = sitk.GetImageFromArray(sitk.GetArrayFromImage(label).transpose(2, 1, 0).copy())
     assert femur_scene.detect_laterality(lying, lying) is None
 
 
