@@ -1,9 +1,15 @@
-"""The inference engine against nnU-Net's own predictor, with progress, cancel, orientation and devices."""
+"""The inference engine against nnU-Net's own predictor, with progress, cancel, orientation and devices.
+
+The bundled model finds the femurs with its 3 mm locator first; the network stage itself is checked against
+nnU-Net's predictor on a copy of the model without the locator (then FemurSeg runs it over the whole volume).
+"""
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +25,16 @@ from FemurSegLib.models import resolve_model
 @pytest.fixture(scope="module")
 def model():
     return resolve_model(None)
+
+
+@pytest.fixture(scope="module")
+def one_network(model, tmp_path_factory) -> Path:
+    """The bundled model's 1 mm network alone, as an nnU-Net model folder from elsewhere would come."""
+    root = tmp_path_factory.mktemp("one-network")
+    dataset = model.trained_folder.parent
+    shutil.copytree(dataset, root / dataset.name, ignore=shutil.ignore_patterns(*(
+        p.name for p in dataset.iterdir() if p != model.trained_folder)))
+    return root
 
 
 @pytest.fixture(scope="module")
@@ -72,18 +88,29 @@ def _stock_prediction(model, ct: sitk.Image, tile_step_size: float, patch_size: 
     return largest_component(np.asarray(stock) == model.femur_label)
 
 
-def test_default_engine_equals_nnunets_own_predictor(model, sample, sample_result):
-    """The default (fewest tiles, no mirroring) is exactly nnU-Net's predictor at step 1.0 plus the largest component."""
+def test_default_engine_equals_nnunets_own_predictor(one_network, sample):
+    """The network stage (fewest tiles, no mirroring) is exactly nnU-Net's predictor at step 1.0 plus the largest
+    component."""
     ct, _ = sample
-    expected = _stock_prediction(model, ct, tile_step_size=1.0)
-    assert np.array_equal(sitk.GetArrayFromImage(sample_result[0]) != 0, expected)
+    model = resolve_model(str(one_network))
+    assert model.locator_folder is None
+    label = Segmenter(one_network, InferenceOptions(device="cpu"), notify=lambda message: None).segment(ct)
+    assert np.array_equal(sitk.GetArrayFromImage(label) != 0, _stock_prediction(model, ct, tile_step_size=1.0))
 
 
-def test_whole_volume_tile_is_one_nnunet_patch_over_the_padded_volume(model, sample):
+def test_located_result_agrees_with_the_whole_volume_network(one_network, sample, sample_result):
+    """Locating first changes where the network looks, not what it finds: the two agree to Dice 0.98."""
+    ct, _ = sample
+    whole = Segmenter(one_network, InferenceOptions(device="cpu"), notify=lambda message: None).segment(ct)
+    assert compare_images(whole, sample_result[0]).dice > 0.98
+
+
+def test_whole_volume_tile_is_one_nnunet_patch_over_the_padded_volume(one_network, sample):
     """Whole-volume mode = nnU-Net's predictor with the patch raised to the volume rounded up to 16 (the network's
     total stride), so the sliding window makes a single step."""
     ct, _ = sample
-    whole = Segmenter(model.root, InferenceOptions(device="cpu", whole_volume_tile=True), notify=lambda m: None)
+    model = resolve_model(str(one_network))
+    whole = Segmenter(one_network, InferenceOptions(device="cpu", whole_volume_tile=True), notify=lambda m: None)
     padded = [int(np.ceil(n / 16) * 16) for n in sitk.GetArrayViewFromImage(ct).shape]
     expected = _stock_prediction(model, ct, tile_step_size=0.5, patch_size=padded)
     assert np.array_equal(sitk.GetArrayFromImage(whole.segment(ct)) != 0, expected)
