@@ -13,7 +13,8 @@ Scores per femur: Dice, ASD, HD95 (FemurSegLib.metrics), and for in-vivo cases w
 right. Fill (Pahr & Zysset re-implementation) is scored the same way. ``--clinical`` adds one clinical-size in-vivo
 CT (a held-out render resampled to 512 x 512 x 300 at 0.7 x 0.7 x 0.7 mm): seconds and peak RSS of FemurSeg.
 
-    python benchmarks/inference_benchmark.py [--cases 5] [--families legacy exvivo invivo] [--clinical] [--json OUT]
+    python benchmarks/inference_benchmark.py [--cases 5] [--families legacy exvivo invivo] [--stock FAMILY ...]
+                                             [--clinical] [--json OUT]
 """
 
 from __future__ import annotations
@@ -170,6 +171,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", type=int, default=5, help="held-out cases per family (seeds 1..N)")
     parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
+    parser.add_argument("--stock", nargs="*", choices=FAMILIES, default=list(FAMILIES),
+                        help="families to run stock nnU-Net on (mirrored whole-volume inference of an in-vivo CT takes "
+                             "minutes per case on 2 cores)")
     parser.add_argument("--clinical", action="store_true", help="add the 512 x 512 x 300 in-vivo case (FemurSeg)")
     parser.add_argument("--model", help="model name or folder (default: the bundled model)")
     parser.add_argument("--json", type=Path, help="write every figure as JSON")
@@ -201,7 +205,10 @@ def main() -> None:
                 infos[case] = {"family": family, "sides": list(info.sides), "details": info.details,
                                "subjects": list(info.subjects)}
         cases = list(infos)
-        runs = {engine: run_engine(engine, cases, out_dir, args.model) for engine in ENGINES}
+        stock_cases = [case for case in cases if infos[case]["family"] in args.stock]
+        runs = {"femurseg": run_engine("femurseg", cases, out_dir, args.model)}
+        if stock_cases:
+            runs["stock"] = run_engine("stock", stock_cases, out_dir, args.model)
         if args.clinical:
             runs["femurseg-clinical"] = run_engine("femurseg", [clinical_case(out_dir)], out_dir, args.model)
         results["runs"] = runs
@@ -213,7 +220,7 @@ def main() -> None:
             truth_sides = _truth_by_side(truth, info)
             nearest = _nearest(truth_sides)
             predictions = {engine: sitk.GetArrayFromImage(sitk.ReadImage(str(out_dir / f"{case}_{engine}.nrrd")))
-                           for engine in ENGINES}
+                           for engine in ENGINES if (out_dir / f"{case}_{engine}.nrrd").exists()}
             predictions["fill"] = sitk.GetArrayFromImage(compute_fill(ct))
             family = results["families"].setdefault(info["family"], {name: [] for name in (*ENGINES, "fill")})
             for name, predicted in predictions.items():
@@ -228,6 +235,8 @@ def main() -> None:
     for family, methods in results["families"].items():
         summary[family] = {}
         for name, rows in methods.items():
+            if not rows:
+                continue
             dices = [r["dice"] for r in rows]
             sided = [r["side_right"] for r in rows if r["side_right"] is not None]
             seconds = [r["seconds"] for r in rows if r["seconds"] is not None]
