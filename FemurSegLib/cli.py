@@ -290,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="export a label that is empty or covers most of the volume (refused otherwise)")
     p.set_defaults(func=_cmd_export)
 
-    p = sub.add_parser("finetune", help="fine-tune a model on an exported dataset and install the result as a new model")
+    p = sub.add_parser("finetune", help="fine-tune a model on an exported dataset; installs the result as a new model")
     p.add_argument("dataset_dir", help="the nnU-Net dataset Export writes to (.../DatasetNNN_Name): imagesTr/labelsTr "
                                        "train, imagesTs/labelsTs (or a held-out 20 %% of imagesTr) validate")
     p.add_argument("--from", dest="base", metavar="MODEL",

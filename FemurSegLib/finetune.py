@@ -256,29 +256,27 @@ def _run(job: FinetuneJob, device, report: ProgressCallback, notify: Callable[[s
     if not resumed:
         try:
             job.work_dir.mkdir(parents=True)
-            pieces = _copy_cases(job, lambda f: report(_at("checking and copying cases", f), "checking cases"))
+            pieces = _copy_cases(job, _step(report, "checking and copying cases"))
         except BaseException:
             shutil.rmtree(job.work_dir, ignore_errors=True)  # a refused case leaves nothing behind
             raise
         state.update(identity=_identity(job), pieces=pieces)
         save()
     with _nnunet_paths(job.work_dir):
-        _preprocess(job, lambda f: report(_at("preprocessing", f), "preprocessing"))
+        _preprocess(job, _step(report, "preprocessing"))
         if "before" not in state:
             tick = time.monotonic()
-            state["before"] = measure(job.base.root, job.validation, device,
-                                      lambda f: report(_at("validating the base model", f), "validating the base model"))
+            state["before"] = measure(job.base.root, job.validation, device, _step(report, "validating the base model"))
             state["before_seconds"] = time.monotonic() - tick
             save()
         notify(f"Base model '{job.base.name}' on {len(job.validation)} validation case(s): "
                f"{_figures(state['before'])}.")
         reserve = 1.2 * state["before_seconds"] + 15.0  # after-validation and install still fit in the budget
         epochs_done = _train(job, state, save, device, None if deadline is None else deadline - reserve,
-                             lambda f: report(_at("training", f), "training"), notify)
+                             _step(report, "training"), notify)
         staged = _bundle(job)
-        after = measure(staged, job.validation, device,
-                        lambda f: report(_at("validating the new model", f), "validating the new model"))
-        report(_at("installing", 0.0), "installing")
+        after = measure(staged, job.validation, device, _step(report, "validating the new model"))
+        _step(report, "installing")(0.0)
         card = _write_card(job, staged, state, after, epochs_done, device, spent + time.monotonic() - started)
         model = install_model(staged, name=job.name)
     shutil.rmtree(job.work_dir, ignore_errors=True)
@@ -287,9 +285,10 @@ def _run(job: FinetuneJob, device, report: ProgressCallback, notify: Callable[[s
     return FinetuneResult(model=model, card=card)
 
 
-def _at(step: str, fraction: float) -> float:
+def _step(report: ProgressCallback, step: str) -> Callable[[float], None]:
+    """Progress within one step (0-1) as progress of the whole job (its share in SPANS)."""
     low, high = SPANS[step]
-    return low + (high - low) * min(1.0, max(0.0, fraction))
+    return lambda fraction: report(low + (high - low) * min(1.0, max(0.0, fraction)), step)
 
 
 # --- state --------------------------------------------------------------------------------------------------------
@@ -323,11 +322,13 @@ def _write_state(job: FinetuneJob, state: dict) -> None:
 
 @contextlib.contextmanager
 def _nnunet_paths(work_dir: Path) -> Iterator[None]:
-    """nnU-Net's folders in the work folder while the job runs (nnunetv2.paths reads them when used)."""
+    """nnU-Net's folders in the work folder, and its settings, while the job runs (nnunetv2.paths reads them when
+    used); restored after, so a process that segments next is unaffected."""
     names = {"nnUNet_raw": "raw", "nnUNet_preprocessed": "preprocessed", "nnUNet_results": "results"}
-    saved = {name: os.environ.get(name) for name in [*names, "nnUNet_compile"]}
+    saved = {name: os.environ.get(name) for name in [*names, "nnUNet_compile", "nnUNet_n_proc_DA"]}
     os.environ.update({name: str(work_dir / sub) for name, sub in names.items()})
     os.environ["nnUNet_compile"] = "false"  # compiling costs more than a short fine-tuning gains
+    os.environ["nnUNet_n_proc_DA"] = "0"  # augmentation in this process: as fast as 2 workers here (DESIGN.md §4)
     try:
         yield
     finally:
@@ -413,7 +414,8 @@ def _preprocess(job: FinetuneJob, report: Callable[[float], None]) -> None:
     write_bytes_atomic(folder / f"{plans['plans_name']}.json", json.dumps(plans, indent=2).encode())
     write_bytes_atomic(folder / "dataset.json", json.dumps(dataset_json, indent=2).encode())
     fingerprint = job.base.trained_folder / "dataset_fingerprint.json"  # the trainer copies it; nothing reads it
-    write_bytes_atomic(folder / "dataset_fingerprint.json", fingerprint.read_bytes() if fingerprint.is_file() else b"{}")
+    write_bytes_atomic(folder / "dataset_fingerprint.json",
+                       fingerprint.read_bytes() if fingerprint.is_file() else b"{}")
     partial = output.with_name(output.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
@@ -467,7 +469,6 @@ def _train(job: FinetuneJob, state: dict, save: Callable[[], None], device, dead
             f"nnUNetTrainer__{plans['plans_name']}__{configuration}" / "fold_all")
     if (fold / "checkpoint_final.pth").is_file():
         return int(state["epochs_done"])
-    os.environ["nnUNet_n_proc_DA"] = "0"  # augmentation in this process: as fast as 2 workers here (DESIGN.md §4)
     import torch
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
@@ -523,6 +524,9 @@ def _train(job: FinetuneJob, state: dict, save: Callable[[], None], device, dead
             trainer.on_epoch_end()
             state["epochs_done"] = trainer.current_epoch
             save()
+            notify(f"Epoch {trainer.current_epoch}/{planned} done: training loss "
+                   f"{trainer.logger.get_value('train_losses', step=-1):.3f}, nnU-Net pseudo Dice "
+                   f"{trainer.logger.get_value('ema_fg_dice', step=-1):.3f}.")
             if last:
                 break
         trainer.on_train_end()  # checkpoint_final.pth
