@@ -181,11 +181,8 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
 
     job = plan_finetune(Path(args.dataset_dir), base=args.base, name=args.name, epochs=args.epochs,
                         minutes=args.minutes, iterations=args.iterations)
-    notify = _notifier(args.progress_json)
-    budget = f"{job.epochs} epoch(s)" if job.epochs is not None else f"{job.minutes:g} min"
-    notify(f"Fine-tuning '{job.base.name}' into '{job.name}' on {len(job.training)} training case(s) of "
-           f"{job.dataset_dir.name}, validating on {len(job.validation)} ({job.validation_source}); budget {budget}.")
-    result = finetune(job, device=args.device, progress=_progress_printer(args.progress_json), notify=notify)
+    result = finetune(job, device=args.device, progress=_progress_printer(args.progress_json),
+                      notify=_notifier(args.progress_json))
     if args.progress_json:
         print(json.dumps({"done": result.model.name, "model": str(result.model.root),
                           "summary": summary(result.card)}), flush=True)

@@ -58,7 +58,7 @@ HOLD_OUT_FRACTION = 0.2
 STATE_FILE = "finetune.json"
 WORK_PREFIX = ".finetune-"
 # Share of the progress bar per step.
-SPANS = {"checking and copying cases": (0.0, 0.04), "preprocessing": (0.04, 0.08),
+SPANS = {"copying cases": (0.0, 0.04), "preprocessing": (0.04, 0.08),
          "validating the base model": (0.08, 0.15), "training": (0.15, 0.92),
          "validating the new model": (0.92, 0.99), "installing": (0.99, 1.0)}
 
@@ -199,7 +199,11 @@ def finetune(job: FinetuneJob, device: str = "auto", progress: ProgressCallback 
 
     from .inference import resolve_device
 
+    check_cases(job)
     torch_device = resolve_device(device, notify)  # refuses a missing GPU before anything is written
+    budget = f"{job.epochs} epoch(s)" if job.epochs is not None else f"{job.minutes:g} min"
+    notify(f"Fine-tuning '{job.base.name}' into '{job.name}' on {len(job.training)} training case(s) of "
+           f"{job.dataset_dir.name}, validating on {len(job.validation)} ({job.validation_source}); budget {budget}.")
     models_dir = job.work_dir.parent
     created = not models_dir.exists()
     try:
@@ -256,7 +260,7 @@ def _run(job: FinetuneJob, device, report: ProgressCallback, notify: Callable[[s
     if not resumed:
         try:
             job.work_dir.mkdir(parents=True)
-            pieces = _copy_cases(job, _step(report, "checking and copying cases"))
+            pieces = _copy_cases(job, _step(report, "copying cases"))
         except BaseException:
             shutil.rmtree(job.work_dir, ignore_errors=True)  # a refused case leaves nothing behind
             raise
@@ -354,35 +358,48 @@ def _base_fold(base: ModelInfo) -> str:
     return "all" if "all" in base.folds else base.folds[0]
 
 
-def _copy_cases(job: FinetuneJob, report: Callable[[float], None]) -> dict[str, list[str]]:
-    """Check every case, then write the training pieces into the work dataset; returns case -> its pieces."""
+def check_cases(job: FinetuneJob) -> None:
+    """Read and check every case before any work, so that a bad one is refused with nothing written (and nothing
+    printed before the one line of the refusal); a base with a locator needs 2 femur regions to train on."""
+    pieces = 0
+    for case, (image_path, label_path) in [*job.validation.items(), *job.training.items()]:
+        ct, label = _read_case(job, case, image_path, label_path)
+        if case in job.training:
+            pieces += len(_training_pieces(job, case, ct, label))
+    if pieces < 2:
+        raise FemurSegError(f"The training cases of '{job.dataset_dir.name}' hold {pieces} femur region(s) of at "
+                            "least 15 ml; fine-tuning needs at least 2.")
+
+
+def _read_case(job: FinetuneJob, case: str, image_path: Path, label_path: Path) -> tuple[sitk.Image, sitk.Image]:
+    """A case's CT and label: 3D, readable, on one grid (as nnU-Net needs), the label holding 0 and the femur."""
     femur_value = femur_label(job.dataset_json["labels"])[1]
+    ct = read_ct(image_path, f"Case '{case}' image")
+    label = read_label(label_path, f"Case '{case}' label")
+    require_same_grid(ct, label, f"its image {image_path.name}", f"The label of case '{case}'")
+    values = set(np.unique(sitk.GetArrayViewFromImage(label)).tolist())
+    if not values <= {0, femur_value}:
+        raise FemurSegError(
+            f"The label of case '{case}' holds values {sorted(values)}; '{job.dataset_dir.name}' declares "
+            f"background 0 and femur {femur_value}. Re-export the case with a binary label.")
+    return ct, label
+
+
+def _copy_cases(job: FinetuneJob, report: Callable[[float], None]) -> dict[str, list[str]]:
+    """The training pieces written into the work dataset (with the base's dataset.json); returns case -> pieces."""
     base_json = json.loads((job.base.trained_folder / "dataset.json").read_text())
     target = job.work_dir / "raw" / _plans(job.base)["dataset_name"]
     target.mkdir(parents=True)
     write_bytes_atomic(target / "dataset.json", (json.dumps({**base_json, "numTraining": 0}, indent=4) + "\n")
                        .encode())
     pieces: dict[str, list[str]] = {}
-    cases = [*job.validation.items(), *job.training.items()]  # validation first: a bad one is found before copying
-    for index, (case, (image_path, label_path)) in enumerate(cases):
-        ct = read_ct(image_path, f"Case '{case}' image")
-        label = read_label(label_path, f"Case '{case}' label")
-        require_same_grid(ct, label, f"its image {image_path.name}", f"The label of case '{case}'")
-        values = set(np.unique(sitk.GetArrayViewFromImage(label)).tolist())
-        if not values <= {0, femur_value}:
-            raise FemurSegError(
-                f"The label of case '{case}' holds values {sorted(values)}; '{job.dataset_dir.name}' declares "
-                f"background 0 and femur {femur_value}. Re-export the case with a binary label.")
-        if case in job.training:
-            parts = _training_pieces(job, case, ct, label)
-            for piece, (piece_ct, piece_label) in parts.items():
-                export_case(piece_ct, piece_label, target, piece, replace=True, force=True,
-                            provenance={"source": str(image_path), "dataset": str(job.dataset_dir)})
-            pieces[case] = list(parts)
-        report((index + 1) / len(cases))
-    if sum(map(len, pieces.values())) < 2:
-        raise FemurSegError(f"Only {sum(map(len, pieces.values()))} femur region(s) of at least 15 ml were found in "
-                            f"the training cases of '{job.dataset_dir.name}'; fine-tuning needs at least 2.")
+    for index, (case, (image_path, label_path)) in enumerate(job.training.items()):
+        parts = _training_pieces(job, case, *_read_case(job, case, image_path, label_path))
+        for piece, (piece_ct, piece_label) in parts.items():
+            export_case(piece_ct, piece_label, target, piece, replace=True, force=True,
+                        provenance={"source": str(image_path), "dataset": str(job.dataset_dir)})
+        pieces[case] = list(parts)
+        report((index + 1) / len(job.training))
     return pieces
 
 

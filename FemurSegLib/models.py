@@ -318,7 +318,7 @@ def check_new_model_name(name: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name) or name.startswith("."):
         raise FemurSegError(f"Model name '{name}' may only use letters, digits, '.', '_' and '-'.")
     if (user_models_dir() / name).exists() or (BUNDLED_MODELS_DIR / name).is_dir():
-        raise FemurSegError(f"A model named '{name}' is already installed; remove it first or choose another name.")
+        raise FemurSegError(f"A model named '{name}' already exists; remove it first or choose another name.")
     return name
 
 
