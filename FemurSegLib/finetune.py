@@ -540,6 +540,7 @@ def _train(job: FinetuneJob, state: dict, save: Callable[[], None], device, dead
             trainer.lr_scheduler.max_steps = planned
             trainer.on_epoch_end()
             state["epochs_done"] = trainer.current_epoch
+            state["iterations_done"] = int(state.get("iterations_done", 0)) + len(losses)  # fewer if out of time
             save()
             notify(f"Epoch {trainer.current_epoch}/{planned} done: training loss "
                    f"{trainer.logger.get_value('train_losses', step=-1):.3f}, nnU-Net pseudo Dice "
@@ -617,6 +618,7 @@ def _write_card(job: FinetuneJob, staged: Path, state: dict, after: dict, epochs
             "budget": budget,
             "epochs": epochs,
             "iterations_per_epoch": job.iterations,
+            "iterations": int(state.get("iterations_done", 0)),
             "learning_rate": FINETUNE_LR,
             "device": str(getattr(device, "type", device)),
             "minutes": round(seconds / 60.0, 1),  # interrupted runs included
@@ -636,8 +638,8 @@ def _write_card(job: FinetuneJob, staged: Path, state: dict, after: dict, epochs
 
 Fine-tuned from **{job.base.name}** (v{job.base.version}) on `{job.dataset_dir}`.
 
-- **Training:** {len(pieces)} case(s) ({card['finetune']['training_pieces']} piece(s){cropped}), {epochs} epoch(s) of \
-{job.iterations} iterations, learning rate {FINETUNE_LR} (poly), {card['finetune']['minutes']} min on \
+- **Training:** {len(pieces)} case(s) ({card['finetune']['training_pieces']} piece(s){cropped}), {epochs} epoch(s), \
+{card['finetune']['iterations']} iterations, learning rate {FINETUNE_LR} (poly), {card['finetune']['minutes']} min on \
 {card['finetune']['device']}.
 - **Validation:** {job.validation_source}; FemurSeg engine defaults.
 - **Before -> after:** {summary(card)}.

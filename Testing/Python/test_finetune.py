@@ -114,7 +114,8 @@ def test_command_line_loop_from_a_two_configuration_base(tmp_path, models_dir, c
     assert (card["locator"], card["configuration"], card["base_model"]["name"]) == ("3d_locator", "3d_femurseg",
                                                                                     "Base-v4")
     assert card["finetune"]["training_cases"] == list(TRAIN) and card["finetune"]["validation_cases"] == [TEST]
-    assert card["finetune"]["cropped_to_femur_regions"] and card["finetune"]["epochs"] == 1
+    assert card["finetune"]["cropped_to_femur_regions"] and card["finetune"]["epochs"] == card["finetune"][
+        "iterations"] == 1
     import torch
 
     new = torch.load(model.trained_folder / "fold_all" / "checkpoint_final.pth", weights_only=True)
@@ -165,7 +166,8 @@ def test_slicer_loop_with_cancel_and_resume(tmp_path, models_dir, cases):
     assert "Continuing training at epoch 2." in state.messages, state.messages
     assert state.model_name == "Slicer" and state.model_folder == str(models_dir / "Slicer")
     model = next(m for m in list_models() if m.name == "Slicer")
-    assert model.card["finetune"]["runs"] == 2 and model.card["finetune"]["epochs"] == 2
+    assert (model.card["finetune"]["runs"], model.card["finetune"]["epochs"], model.card["finetune"]["iterations"]) \
+        == (2, 2, 2), "the second run trained only the epoch the first one did not finish"
     assert model.card["finetune"]["training_cases"] == list(TRAIN) and not model.card["finetune"][
         "cropped_to_femur_regions"]
 
