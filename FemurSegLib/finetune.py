@@ -211,19 +211,21 @@ def finetune(job: FinetuneJob, device: str = "auto", progress: ProgressCallback 
     except OSError as error:
         raise FemurSegError(f"Cannot write into the models folder '{models_dir}' ({error.strerror or error}); set "
                             "FEMURSEG_MODELS_DIR to a writable folder.") from None
-    lock = models_dir / f"{WORK_PREFIX}{job.name}.lock"
+    lock = FileLock(models_dir / f"{WORK_PREFIX}{job.name}.lock", timeout=0)
     try:
-        with FileLock(lock, timeout=0):
-            return _run(job, torch_device, report, notify, started, deadline, _start_work_dir(job, notify))
+        lock.acquire()
     except Timeout:
         raise FemurSegError(f"Model '{job.name}' is being fine-tuned by another process; wait for it or choose "
                             "another name.") from None
+    try:
+        return _run(job, torch_device, report, notify, started, deadline, _start_work_dir(job, notify))
     except KeyboardInterrupt:
         notify(f"Interrupted: no model was installed. Run the same command again to resume ({job.work_dir}).")
         raise
     finally:
+        lock.release()
         if not job.work_dir.exists():  # installed, or refused before the first step: nothing left to resume
-            lock.unlink(missing_ok=True)
+            Path(lock.lock_file).unlink(missing_ok=True)
             if created:
                 with contextlib.suppress(OSError):
                     models_dir.rmdir()

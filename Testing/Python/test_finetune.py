@@ -27,7 +27,8 @@ import pytest
 import SimpleITK as sitk
 
 from FemurSegLib.dataset import export_case
-from FemurSegLib.finetune import _training_pieces, plan_finetune
+from FemurSegLib.errors import FemurSegError
+from FemurSegLib.finetune import _training_pieces, finetune, plan_finetune
 from FemurSegLib.models import list_models, resolve_model, validate_model_folder
 from FemurSegLib.phantom import generate_phantom
 
@@ -155,6 +156,9 @@ def test_slicer_loop_with_cancel_and_resume(tmp_path, models_dir, cases):
     while not any(m.startswith("Epoch 1/2 done") for m in process.poll().messages) and not process.state.finished:
         assert time.monotonic() < deadline, "no epoch finished in 300 s"
         time.sleep(0.1)
+    with pytest.raises(FemurSegError, match="is being fine-tuned by another process"):  # a second Start
+        finetune(plan_finetune(dataset, name="Slicer", epochs=2, iterations=1), device="cpu", notify=print)
+    assert (models_dir / ".finetune-Slicer.lock").is_file(), "the refused run left the running one's lock alone"
     process.cancel()  # what the panels' Cancel does
     state = process.wait_for_completion(timeout_s=60)
     assert state.cancelled and state.model_name is None and state.error is None
