@@ -113,9 +113,10 @@ class FemurSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
-        for process in (self._process, self.models and self.models.process):
-            if process is not None:
-                process.cancel()
+        if self._process is not None:
+            self._process.cancel()
+        if self.models is not None:
+            self.models.cleanup()  # cancels a running fine-tuning
         self.removeObservers()
 
     def enter(self) -> None:

@@ -64,7 +64,7 @@ class ModelSection:
         with widget.reportErrors("Fine-tuning"):
             self.process = widget.logic.startFinetune(widget.exportDatasetDir(), self.current(),
                                                       self.ui.finetuneMinutesSpinBox.value,
-                                                      widget._parameterNode.device)
+                                                      widget.logic.getParameterNode().device)
             self.ui.finetuneButton.text = "Cancel fine-tuning"
             self.ui.finetuneProgressBar.value = 0
             self.timer.start()
