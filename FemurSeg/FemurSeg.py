@@ -24,7 +24,7 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
-# Source tree: FemurSegLib is beside FemurSeg/; installed extension: beside this file (CMakeLists.txt).
+# Source tree: FemurSegLib is beside FemurSeg/ (FemurSegWidgets inside it); installed extension: both beside this file.
 for _folder in (Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent):
     if ((_folder / "FemurSegLib").is_dir() or (_folder / "FemurSegWidgets").is_dir()) and str(_folder) not in sys.path:
         sys.path.insert(0, str(_folder))
