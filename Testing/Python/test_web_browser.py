@@ -158,6 +158,8 @@ class Page:
 
         self.driver, self.by = driver, By
         driver.get(url)
+        _wait(lambda: driver.find_elements(By.ID, "fs-tab-femurseg"), 60, "the FemurSeg tab")
+        driver.find_element(By.ID, "fs-tab-femurseg").click()  # the server may have been left on Segment Editor
         _wait(lambda: driver.find_elements(By.ID, "fs-load-sample"), 60, "the FemurSeg panel")
 
     def element(self, element_id: str):
