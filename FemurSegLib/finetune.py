@@ -16,9 +16,9 @@ Steps, in a work folder ``<models folder>/.finetune-<name>/`` that survives an i
    or when it has none the last ``HOLD_OUT_FRACTION`` of imagesTr, held out from training.
 4. **training**: nnU-Net's plain ``nnUNetTrainer`` (fold "all") from the base network's whole state dict (all
    layers, output layers included: nnU-Net's ``load_pretrained_weights`` would re-initialise those), a fresh
-   optimizer, poly learning rate from ``FINETUNE_LR``, a checkpoint every epoch. With ``minutes`` the budget is the
-   whole job's: after the first epoch the epoch count (and so the learning-rate schedule) is fitted to the time
-   left, and training stops between iterations when the time is up, leaving room for the after-validation.
+   optimizer, poly learning rate from ``FINETUNE_LR`` over the planned iterations, a checkpoint every epoch. With
+   ``minutes`` the budget is the whole job's: the iteration count (and so the learning-rate schedule) is fitted to
+   the time left, and training stops between iterations when the time is up, leaving room for the after-validation.
 5. **after and install**: a stripped fp16 checkpoint (:func:`training.strip_checkpoint`), the locator copied
    unchanged, a model card with before/after Dice and ASD; measured, then installed with
    :func:`models.install_model` (an atomic rename). The work folder is removed.
@@ -481,7 +481,12 @@ def measure(model_folder: str | os.PathLike, cases: dict[str, tuple[Path, Path]]
 
 def _train(job: FinetuneJob, state: dict, save: Callable[[], None], device, deadline: float | None,
            report: Callable[[float], None], notify: Callable[[str], None]) -> int:
-    """Train to the planned epoch count or the deadline; returns the epochs trained in all (resumed ones too)."""
+    """Train to the planned iteration count or the deadline; returns the epochs trained in all (resumed ones too).
+
+    nnU-Net's poly learning rate runs over iterations rather than epochs, so that it decays to nothing at the end of
+    a time budget whatever the epoch length: with ``epochs`` the total is epochs x iterations; with a time budget it
+    is fitted to the time left after a few iterations, and again after every epoch (measured time per iteration,
+    checkpoints included). The deadline stops training between iterations in any case."""
     plans = _plans(job.base)
     configuration = _configuration(job.base)
     fold = (job.work_dir / "results" / plans["dataset_name"] /
@@ -496,7 +501,6 @@ def _train(job: FinetuneJob, state: dict, save: Callable[[], None], device, dead
     preprocessed = job.work_dir / "preprocessed" / plans["dataset_name"]
     dataset_json = json.loads((preprocessed / "dataset.json").read_text())
     latest = fold / "checkpoint_latest.pth"
-    planned = job.epochs or state.get("planned_epochs")
     with open(job.work_dir / "nnunet.log", "a") as log, contextlib.redirect_stdout(log):
         trainer = nnUNetTrainer({**plans, "continue_training": latest.is_file()}, configuration, "all", dataset_json,
                                 device=device)
@@ -504,49 +508,58 @@ def _train(job: FinetuneJob, state: dict, save: Callable[[], None], device, dead
         trainer.num_val_iterations_per_epoch = 1  # nnU-Net's pseudo Dice on training patches: one batch is enough
         trainer.initial_lr = FINETUNE_LR
         trainer.save_every = 1
-        trainer.num_epochs = planned or 10**6  # a time budget fits the count after the first epoch
+        trainer.num_epochs = 10**6  # the loop below decides when to stop
         trainer.initialize()
         if latest.is_file():
             trainer.load_checkpoint(str(latest))  # our own training output
+            notify(f"Continuing training at epoch {trainer.current_epoch + 1}.")
         else:
             trainer.network.load_state_dict(_base_weights(job.base))  # every layer, output layers included
-        if trainer.current_epoch > 0:
-            notify(f"Continuing training at epoch {trainer.current_epoch + 1}.")
-        planned = max(planned or 0, trainer.current_epoch + 1) if planned else None
+        done = int(state.get("iterations_done", 0))
+        total = job.epochs * job.iterations if job.epochs else state.get("planned_iterations")
         trainer.on_train_start()
-        started = time.monotonic()
+        started, first = time.monotonic(), done
+
+        def fit_to_budget() -> int:
+            """Iterations in all that fit before the deadline at this run's pace so far."""
+            pace = (time.monotonic() - started) / max(1, done - first)
+            return max(done + 1, done + int((deadline - time.monotonic()) / pace))
+
         while True:
-            epoch, tick = trainer.current_epoch, time.monotonic()
+            epoch = trainer.current_epoch
             trainer.on_epoch_start()
             trainer.on_train_epoch_start()
-            losses = []
-            for iteration in range(job.iterations):
-                losses.append(trainer.train_step(next(trainer.dataloader_train)))
-                if deadline is not None:
-                    report((time.monotonic() - started) / max(1e-6, deadline - started))
-                else:
-                    report((epoch * job.iterations + iteration + 1) / (planned * job.iterations))
-                if deadline is not None and time.monotonic() >= deadline:
+            losses, out_of_time = [], False
+            for _ in range(job.iterations):
+                if total is not None and done >= total:
                     break
+                trainer.lr_scheduler.max_steps = total or 10**9  # poly over iterations (nnU-Net's own scheduler)
+                trainer.lr_scheduler.step(done)
+                losses.append(trainer.train_step(next(trainer.dataloader_train)))
+                done += 1
+                if deadline is not None:
+                    if done - first == 3 and job.epochs is None:  # a first estimate of the pace
+                        total = fit_to_budget()
+                    report((time.monotonic() - started) / max(1e-6, deadline - started))
+                    out_of_time = time.monotonic() >= deadline
+                    if out_of_time:
+                        break
+                else:
+                    report(done / total)
             trainer.on_train_epoch_end(losses)
             with torch.no_grad():
                 trainer.on_validation_epoch_start()
                 trainer.on_validation_epoch_end([trainer.validation_step(next(trainer.dataloader_val))])
-            out_of_time = deadline is not None and time.monotonic() >= deadline
-            if planned is None:  # fit the schedule to the budget, as measured on this epoch
-                planned = epoch + 1 + max(0, int((deadline - time.monotonic()) // (time.monotonic() - tick)))
-                state["planned_epochs"] = planned
-                notify(f"Time budget: {planned} epoch(s) of {job.iterations} iterations.")
-            last = out_of_time or epoch + 1 >= planned
-            trainer.num_epochs = epoch + 1 if last else planned  # on_epoch_end keeps a checkpoint unless last
-            trainer.lr_scheduler.max_steps = planned
+            last = out_of_time or (total is not None and done >= total)
+            trainer.num_epochs = epoch + 1 if last else 10**6  # on_epoch_end keeps a checkpoint unless last
             trainer.on_epoch_end()
-            state["epochs_done"] = trainer.current_epoch
-            state["iterations_done"] = int(state.get("iterations_done", 0)) + len(losses)  # fewer if out of time
+            if deadline is not None and job.epochs is None and not last:
+                total = fit_to_budget()  # again, with this epoch's checkpoint and validation in the pace
+            state.update(epochs_done=trainer.current_epoch, iterations_done=done, planned_iterations=total)
             save()
-            notify(f"Epoch {trainer.current_epoch}/{planned} done: training loss "
-                   f"{trainer.logger.get_value('train_losses', step=-1):.3f}, nnU-Net pseudo Dice "
-                   f"{trainer.logger.get_value('ema_fg_dice', step=-1):.3f}.")
+            notify(f"Epoch {trainer.current_epoch} done ({done}" + (f" of about {total}" if total else "")
+                   + f" iterations): training loss {trainer.logger.get_value('train_losses', step=-1):.3f}, "
+                   f"nnU-Net pseudo Dice {trainer.logger.get_value('ema_fg_dice', step=-1):.3f}.")
             if last:
                 break
         trainer.on_train_end()  # checkpoint_final.pth

@@ -402,7 +402,7 @@ class Workflow:
                 budget = float(str(minutes).strip())
             except ValueError:
                 raise FemurSegError(f"Time budget '{minutes}' is not a number of minutes.") from None
-            self.finetune_process = FinetuneProcess(dataset_dir, base=str(base) or None, minutes=budget)
+            self.finetune_process = FinetuneProcess(dataset_dir, base=str(base or "") or None, minutes=budget)
             job = self.finetune_process.job
             with self.state:
                 self.state.update({"fs_ft_running": True, "fs_ft_progress": 0.0, "fs_ft_stage": "starting",

@@ -247,6 +247,15 @@ def test_refusals_leave_the_server_up(web_server, browser, tmp_path):
     page.type("fs-dataset", "../Dataset666_Escape")
     page.click("fs-export")
     page.expect("not a plain nnU-Net dataset name")
+    page.dismiss()
+    page.type("fs-ft-dataset", "../Dataset666_Escape")  # Improve the model: the same confinement, no child started
+    page.click("fs-ft-start")
+    page.expect("not a plain nnU-Net dataset name")
+    page.dismiss()
+    page.type("fs-ft-dataset", "Dataset103_Missing")
+    page.click("fs-ft-start")
+    page.expect("Dataset103_Missing' does not exist")
+    assert not browser.find_elements(page.by.ID, "fs-ft-progress")
     assert not any(datasets_root.parent.glob("Dataset666*")) and not any(datasets_root.iterdir())
 
 
