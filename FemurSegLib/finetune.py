@@ -397,9 +397,9 @@ def _copy_cases(job: FinetuneJob, report: Callable[[float], None]) -> dict[str, 
     pieces: dict[str, list[str]] = {}
     for index, (case, (image_path, label_path)) in enumerate(job.training.items()):
         parts = _training_pieces(job, case, *_read_case(job, case, image_path, label_path))
-        for piece, (piece_ct, piece_label) in parts.items():
-            export_case(piece_ct, piece_label, target, piece, replace=True, force=True,
-                        provenance={"source": str(image_path), "dataset": str(job.dataset_dir)})
+        for piece, (piece_ct, piece_label) in parts.items():  # the femur as 1: written with the base's value
+            export_case(piece_ct, sitk.Cast(piece_label != 0, sitk.sitkUInt8), target, piece, replace=True,
+                        force=True, provenance={"source": str(image_path), "dataset": str(job.dataset_dir)})
         pieces[case] = list(parts)
         report((index + 1) / len(job.training))
     return pieces

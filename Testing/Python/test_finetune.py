@@ -2,8 +2,9 @@
 
 - through the command line, from a two-configuration base (a locator plus the 1 mm network, v4's layout), so the
   cases are cut to femur regions and the locator is carried over unchanged;
-- through the Slicer path on real slicer-core (SlicerApp): scene export, the FinetuneProcess both panels run,
-  cancel (no model installed) and resume, then the scene segmented with the new model;
+- through the Slicer path on real slicer-core (SlicerApp): scene export (into a dataset whose femur label is
+  "bone": 2), the FinetuneProcess both panels run, cancel (no model installed) and resume, then the scene segmented
+  with the new model;
 - the refusals: one line, exit 2, nothing written.
 
 Budgets are tiny (1-2 epochs of 1 iteration on 64^3 crops of legacy phantoms): the tests show that the loop runs
@@ -145,6 +146,9 @@ def test_slicer_loop_with_cancel_and_resume(tmp_path, models_dir, cases):
 
     app = trame_core.SlicerApp()
     dataset, nodes = tmp_path / "Dataset102_FemurSlicer", {}
+    dataset.mkdir()  # the seed's label name, with another value than the base model's femur 1: fine-tuning maps it
+    (dataset / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": {
+        "background": 0, "bone": 2}, "numTraining": 0, "file_ending": ".nii.gz"}))
     for name, (ct, label) in cases.items():
         nodes[name] = scene.add_volume_node(app.scene, ct, name)
         corrected = scene.add_label_as_segment(app.scene, app.segmentations_logic, label, nodes[name])
