@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.femurseg-installed
 
-.PHONY: demo test benchmark venv clean
+.PHONY: demo test benchmark finetune-benchmark venv clean
 
 venv: $(STAMP)
 
@@ -26,6 +26,9 @@ test: $(STAMP)
 benchmark: $(STAMP)
 	$(PY) benchmarks/inference_benchmark.py
 	$(PY) benchmarks/throughput_benchmark.py
+
+finetune-benchmark: $(STAMP)
+	$(PY) benchmarks/finetune_benchmark.py
 
 clean:
 	rm -rf demo-output Testing/artifacts

@@ -24,15 +24,14 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
-# Source tree: FemurSegLib is beside FemurSeg/; installed extension: beside this file (CMakeLists.txt).
+# Source tree: FemurSegLib is beside FemurSeg/ (FemurSegWidgets inside it); installed extension: both beside this file.
 for _folder in (Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent):
-    if (_folder / "FemurSegLib").is_dir() and str(_folder) not in sys.path:
+    if ((_folder / "FemurSegLib").is_dir() or (_folder / "FemurSegWidgets").is_dir()) and str(_folder) not in sys.path:
         sys.path.insert(0, str(_folder))
 
 # Keep in sync with requirements.txt (Testing/Python/test_module_static.py checks it).
 PINNED_PACKAGES = ["torch==2.14.1", "torchvision==0.29.1", "nnunetv2==2.8.1", "filelock==4.2.12"]
 REQUIRED_MODULES = ["torch", "torchvision", "nnunetv2", "filelock", "SimpleITK"]
-INSTALL_MODEL_ITEM = "Install model…"
 
 
 class FemurSeg(ScriptedLoadableModule):
@@ -85,7 +84,7 @@ class FemurSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
-        self.logic = self._parameterNode = self._parameterNodeGuiTag = None
+        self.logic = self._parameterNode = self._parameterNodeGuiTag = self.models = None
         self._process = None  # runner.SegmentationJob while a segmentation runs in the logic's warm worker
         self._worstSliceRAS = self._lastAgreement = None  # from the last comparison
         self._timer = qt.QTimer()
@@ -109,13 +108,16 @@ class FemurSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                 (self.ui.correctButton, self.onCorrectInSegmentEditor),
                                 (self.ui.exportSurfaceButton, self.onExportSurface)]:
             button.clicked.connect(handler)
-        self.ui.modelComboBox.activated.connect(self.onModelActivated)
-        self.populateModels()
+        from FemurSegWidgets.models import ModelSection
+
+        self.models = ModelSection(self)  # model list, install, improve (fine-tune)
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
         if self.logic is not None and self.logic.worker is not None:
             self.logic.worker.close()  # ends the warm worker, cancelling a running segmentation
+        if self.models is not None:
+            self.models.cleanup()  # cancels a running fine-tuning
         self.removeObservers()
 
     def enter(self) -> None:
@@ -145,32 +147,6 @@ class FemurSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
 
-    # --- models ---------------------------------------------------------------------------------------------
-    def populateModels(self) -> None:
-        from FemurSegLib import models
-
-        self.ui.modelComboBox.clear()
-        for model in models.list_models():
-            label = f"{model.name} (bundled)" if model.bundled else model.name
-            self.ui.modelComboBox.addItem(label, str(model.root))
-        self.ui.modelComboBox.addItem(INSTALL_MODEL_ITEM, "")
-
-    def onModelActivated(self, index: int) -> None:
-        if self.ui.modelComboBox.itemText(index) != INSTALL_MODEL_ITEM:
-            return
-        source = qt.QFileDialog.getOpenFileName(self.parent, "nnU-Net model (nnUNetv2_export_model_to_zip)", "",
-                                                "Zip (*.zip)")
-        installed = None
-        with self.reportErrors("Installing model"):
-            if source:
-                from FemurSegLib import models
-
-                installed = models.install_model(Path(source))
-                self.setStatus(f"Installed model {installed.name}.")
-        self.populateModels()
-        if installed is not None:
-            self.ui.modelComboBox.setCurrentIndex(self.ui.modelComboBox.findData(str(installed.root)))
-
     # --- segmentation (background process, polled by a QTimer so the GUI stays live) -------------------------
     def onSegmentOrCancel(self) -> None:
         if self._process is not None:
@@ -179,8 +155,7 @@ class FemurSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with self.reportErrors("Segmentation"):
             if not self.logic.ensureDependencies():
                 return
-            model = self.ui.modelComboBox.itemData(self.ui.modelComboBox.currentIndex) or None
-            self._process = self.logic.startSegmentation(self._parameterNode.inputVolume, model,
+            self._process = self.logic.startSegmentation(self._parameterNode.inputVolume, self.models.current(),
                                                          self._parameterNode.device, self._parameterNode.fast)
             self.ui.segmentButton.text = "Cancel"
             self.ui.progressBar.value = 0
@@ -243,12 +218,19 @@ class FemurSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         editor.setSegmentationNode(segmentation)
         editor.setSourceVolumeNode(self._parameterNode.inputVolume)
 
+    def exportDatasetDir(self) -> Path:
+        """The dataset folder Export writes to (and "Improve the model" trains on)."""
+        p = self._parameterNode
+        if str(p.datasetFolder or "") in ("", "."):
+            raise ValueError("Choose a dataset folder first (Export to nnU-Net dataset).")
+        return Path(p.datasetFolder) / f"Dataset{p.datasetId:03d}_{p.datasetName}"
+
     def onExport(self) -> None:
         p = self._parameterNode
         with self.reportErrors("Export"):
-            if str(p.datasetFolder or "") in ("", ".") or not p.caseName:
-                raise ValueError("Choose a dataset folder and a case name first.")
-            datasetDir = Path(p.datasetFolder) / f"Dataset{p.datasetId:03d}_{p.datasetName}"
+            if not p.caseName:
+                raise ValueError("Choose a case name first.")
+            datasetDir = self.exportDatasetDir()
             provenance = {"model": self.ui.modelComboBox.currentText, "fill_threshold_hu": p.fillThresholdHU,
                           "draft_vs_fill": self._lastAgreement}
             result = self.logic.export(p.exportSegmentation, p.inputVolume, datasetDir, p.caseName, p.testSplit,
@@ -326,6 +308,14 @@ class FemurSegLogic(ScriptedLoadableModuleLogic):
 
         self.worker = self.worker or runner.SegmentationWorker(python=shutil.which("PythonSlicer") or sys.executable)
         return self.worker.segment(_scene().sitk_from_volume_node(ctNode), model, device, fast)
+
+    def startFinetune(self, datasetDir: Path, model: str | None, minutes: float, device: str = "auto"):
+        """Fine-tune ``model`` on the dataset in a child process (see FemurSegLib.finetune_runner); a request that
+        cannot run (too few cases, other labels, a taken name) is refused at once with FemurSegError."""
+        from FemurSegLib.finetune_runner import FinetuneProcess
+
+        return FinetuneProcess(datasetDir, model, minutes=minutes, device=device,
+                               python=shutil.which("PythonSlicer") or sys.executable)
 
     def finishSegmentation(self, job, ctNode):
         """The finished job's femurs as segments ("Femur left (nnU-Net)", ...); None if cancelled or none found."""

@@ -89,20 +89,31 @@ def _cmd_compare(args: argparse.Namespace) -> None:
 
 
 def _progress_printer(json_lines: bool):
+    """Progress as JSON lines on stdout (for GUIs) or a bar on stderr. The streams are bound now: nnU-Net's own
+    prints may be redirected to a log meanwhile."""
+    stdout, stderr = sys.stdout, sys.stderr
     if json_lines:
         def report(fraction: float, stage: str) -> None:
-            print(json.dumps({"progress": round(fraction, 4), "stage": stage}), flush=True)
+            print(json.dumps({"progress": round(fraction, 4), "stage": stage}), file=stdout, flush=True)
         return report
-    last = [-1]
+    last = [-1, ""]
 
     def bar(fraction: float, stage: str) -> None:
         filled = int(fraction * 30)
-        if filled != last[0] or fraction >= 1.0:
-            last[0] = filled
+        if filled != last[0] or stage != last[1] or fraction >= 1.0:
+            last[0], last[1] = filled, stage
             end = "\n" if fraction >= 1.0 else ""
-            print(f"\r[{'#' * filled}{'.' * (30 - filled)}] {fraction * 100:5.1f}% {stage:16s}", end=end,
-                  file=sys.stderr, flush=True)
+            print(f"\r[{'#' * filled}{'.' * (30 - filled)}] {fraction * 100:5.1f}% {stage:26s}", end=end,
+                  file=stderr, flush=True)
     return bar
+
+
+def _notifier(json_lines: bool):
+    """Messages for the user: JSON lines on stdout for GUIs, else lines on stderr (bound now, as above)."""
+    stdout, stderr = sys.stdout, sys.stderr
+    if json_lines:
+        return lambda message: print(json.dumps({"message": message}), file=stdout, flush=True)
+    return lambda message: print(f"\r{message:<70}", file=stderr, flush=True)  # over a progress bar, if any
 
 
 def _cmd_segment(args: argparse.Namespace) -> None:
@@ -113,8 +124,7 @@ def _cmd_segment(args: argparse.Namespace) -> None:
     check_output_path(args.out_label, (args.ct,))
     ct = read_ct(args.ct)
     model = resolve_model(args.model)
-    notify = (lambda message: print(json.dumps({"message": message}), flush=True)) if args.progress_json \
-        else (lambda message: print(message, file=sys.stderr))
+    notify = _notifier(args.progress_json)
     options = InferenceOptions(device=args.device, fast=args.fast, tile_step_size=args.tile_step,
                                whole_volume_tile=args.whole_volume, side=args.side)
     segmenter = Segmenter(model.root, options, notify=notify)
@@ -132,12 +142,16 @@ def _cmd_segment(args: argparse.Namespace) -> None:
 
 
 def _cmd_models(args: argparse.Namespace) -> None:
+    from .finetune import summary
     from .models import install_model, list_models, remove_model
 
     if args.action == "list":
         for model in list_models():
             kind = "bundled" if model.bundled else "installed"
             print(f"{model.name:32s} {kind:9s} folds {','.join(model.folds):8s} {model.trained_folder}")
+            if summary(model.card):
+                print(f"{'':32s} fine-tuned from {model.card.get('base_model', {}).get('name', '?')}: "
+                      f"{summary(model.card)}")
     elif args.action == "install":
         if not args.target:
             raise FemurSegError("Give the model zip or folder to install: femurseg models install PATH")
@@ -160,6 +174,20 @@ def _cmd_export(args: argparse.Namespace) -> None:
           f"{result.image_path.name}, {result.label_path.name}; numTraining {result.num_training}")
     if result.replaced_dir:
         print(f"previous files of '{result.case}' kept in {result.replaced_dir}")
+
+
+def _cmd_finetune(args: argparse.Namespace) -> None:
+    from .finetune import finetune, plan_finetune, summary
+
+    job = plan_finetune(Path(args.dataset_dir), base=args.base, name=args.name, epochs=args.epochs,
+                        minutes=args.minutes, iterations=args.iterations)
+    result = finetune(job, device=args.device, progress=_progress_printer(args.progress_json),
+                      notify=_notifier(args.progress_json))
+    if args.progress_json:
+        print(json.dumps({"done": result.model.name, "model": str(result.model.root),
+                          "summary": summary(result.card)}), flush=True)
+    else:
+        print(f"installed {result.model.name} -> {result.model.root}: {summary(result.card)}")
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -236,6 +264,7 @@ def _add_surface_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .finetune import DEFAULT_MINUTES, ITERATIONS_PER_EPOCH
     from .inference import DEVICES
 
     parser = _Parser(prog="femurseg", description="Proximal femur segmentation in CT.")
@@ -311,6 +340,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="export a label that is empty or covers most of the volume (refused otherwise)")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("finetune", help="fine-tune a model on an exported dataset; installs the result as a new model")
+    p.add_argument("dataset_dir", help="the nnU-Net dataset Export writes to (.../DatasetNNN_Name): imagesTr/labelsTr "
+                                       "train, imagesTs/labelsTs (or a held-out 20 %% of imagesTr) validate")
+    p.add_argument("--from", dest="base", metavar="MODEL",
+                   help="model to start from: installed name or folder (default: the bundled model)")
+    p.add_argument("--name", help="name of the new model (default: BASE-DATASETNAME); existing models are never "
+                                  "overwritten")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--epochs", type=_count, help="train this many epochs of --iterations iterations")
+    budget.add_argument("--minutes", type=float,
+                        help=f"time budget of the whole job in minutes (default {DEFAULT_MINUTES:g}); training "
+                             "stops in time to validate and install")
+    p.add_argument("--iterations", type=_count, default=ITERATIONS_PER_EPOCH,
+                   help=f"training iterations per epoch (default {ITERATIONS_PER_EPOCH})")
+    p.add_argument("--device", default="auto", choices=DEVICES,
+                   help="where to train: auto (GPU if any, else CPU), cpu, cuda or mps (default auto)")
+    p.add_argument("--progress-json", action="store_true", help="progress as JSON lines on stdout (for GUIs)")
+    p.set_defaults(func=_cmd_finetune)
 
     p = sub.add_parser("demo", help="segment the bundled sample CT, run fill, compare and write a report")
     p.add_argument("--out", default="demo-output",

@@ -254,9 +254,16 @@ def _files_by_case(folder: Path, ending: str, channel: bool) -> dict[str, list[P
 
 
 def _complete_cases(dataset_dir: Path, split: str, ending: str) -> set[str]:
+    return set(dataset_cases(dataset_dir, split, ending))
+
+
+def dataset_cases(dataset_dir: Path, split: str, ending: str) -> dict[str, tuple[list[Path], Path]]:
+    """The split's complete cases as nnU-Net enumerates them: case -> (its images, one per channel; its label).
+    Images without a label (and labels without an image) are not cases; the next export moves them aside."""
     image_folder, label_folder = SPLITS[split]
     images = _files_by_case(dataset_dir / image_folder, ending, channel=True)
-    return images.keys() & _files_by_case(dataset_dir / label_folder, ending, channel=False).keys()
+    labels = _files_by_case(dataset_dir / label_folder, ending, channel=False)
+    return {case: (images[case], labels[case][0]) for case in sorted(images.keys() & labels.keys())}
 
 
 def _case_files(dataset_dir: Path, case: str, ending: str) -> list[Path]:
@@ -284,13 +291,14 @@ def _load_dataset_json(dataset_dir: Path, label_name: str, file_ending: str,
             f"'{path}' does not parse as JSON ({error}); FemurSeg will not rewrite it. Fix or restore it, then "
             "export again."
         ) from None
-    problem = _dataset_json_problem(dataset_json)
+    problem = dataset_json_problem(dataset_json)
     if problem:
         raise FemurSegError(f"'{path}' cannot be appended to: {problem}. Fix it or export into a new dataset folder.")
     return dataset_json, True
 
 
-def _dataset_json_problem(dataset_json: Any) -> str | None:
+def dataset_json_problem(dataset_json: Any) -> str | None:
+    """Why FemurSeg cannot use this dataset.json (append to it, or fine-tune on it), or None."""
     if not isinstance(dataset_json, dict):
         return "it is not a JSON object"
     missing = [key for key in ("channel_names", "labels", "file_ending") if key not in dataset_json]

@@ -312,6 +312,16 @@ def _safe_extract(archive: Path, destination: Path) -> None:
         handle.extractall(destination)
 
 
+def check_new_model_name(name: str) -> str:
+    """Refuse a name a new model cannot take: characters outside a plain file name, or a model's name already (a
+    bundled name too: the bundled model would hide the new one)."""
+    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name) or name.startswith("."):
+        raise FemurSegError(f"Model name '{name}' may only use letters, digits, '.', '_' and '-'.")
+    if (user_models_dir() / name).exists() or (BUNDLED_MODELS_DIR / name).is_dir():
+        raise FemurSegError(f"A model named '{name}' already exists; remove it first or choose another name.")
+    return name
+
+
 def install_model(source: Path, name: str | None = None, trust_pickle: bool = False) -> ModelInfo:
     """Install a model folder or nnU-Net export zip into the user models folder; validated before it lands.
 
@@ -322,12 +332,8 @@ def install_model(source: Path, name: str | None = None, trust_pickle: bool = Fa
     if not source.exists():
         raise FemurSegError(f"'{source}' does not exist.")
     target_dir = user_models_dir()
-    name = name or (source.name.removesuffix(".zip") if source.is_file() else source.name)
-    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name) or name.startswith("."):
-        raise FemurSegError(f"Model name '{name}' may only use letters, digits, '.', '_' and '-'.")
+    name = check_new_model_name(name or (source.name.removesuffix(".zip") if source.is_file() else source.name))
     final = target_dir / name
-    if final.exists():
-        raise FemurSegError(f"A model named '{name}' is already installed; remove it first or choose another name.")
     created = not target_dir.exists()
     try:
         target_dir.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""The FemurSeg panel: open a CT, segment, fill, compare, export. Widgets only; the actions live in workflow.py.
+"""The FemurSeg panel: open a CT, segment, fill, compare, export, improve the model. Widgets only; the actions live in workflow.py.
 
 Buttons that act on typed values send those values with the click (``trigger(name, [values])``): a click can
 reach the server before the last keystrokes' state updates, and must act on what the user sees. Every widget that a browser test drives carries a stable ``id`` (``fs-...``), so tests do not depend on
@@ -62,6 +62,7 @@ class FemurSegPanel(html.Div):
             self._segment_card(actions)
             self._compare_card()
             self._export_card(actions)
+            self._improve_card(actions)
 
     @staticmethod
     def _open_card(actions: dict[str, Callable]) -> None:
@@ -92,6 +93,8 @@ class FemurSegPanel(html.Div):
         with VCard(variant="flat"):
             VCardTitle("2. Segment", classes="text-subtitle-1")
             with VCardText():
+                VSelect(v_model=("fs_model", ""), items=("fs_model_items", []), id="fs-model", label="Model",
+                        density="compact", hide_details=True, disabled=("fs_segmenting",), classes="mb-2")
                 VBtn("Segment", id="fs-segment", click=actions["segment"], color="primary", size="small",
                      disabled=("fs_busy || fs_segmenting || !fs_ct_name",), classes="mr-2")
                 VBtn("Cancel", id="fs-cancel", click=actions["cancel"], size="small", variant="tonal",
@@ -143,3 +146,25 @@ class FemurSegPanel(html.Div):
                          click="trigger('fs_export_surface', [fs_case, fs_surface_format, fs_target_segment])",
                          disabled=("fs_busy || !fs_ct_name",))
                 html.Div("Datasets root: {{ fs_datasets_root }}", classes="text-caption mt-1")
+
+    @staticmethod
+    def _improve_card(actions: dict[str, Callable]) -> None:
+        VDivider()
+        with VCard(variant="flat"):
+            VCardTitle("5. Improve the model", classes="text-subtitle-1")
+            with VCardText():
+                html.Div("Fine-tunes the model chosen above on a dataset's training cases, measures it on the test "
+                         "cases before and after, and adds the new model to the list.", classes="text-caption mb-2")
+                VTextField(v_model=("fs_ft_dataset", "Dataset101_FemurCorrected"), id="fs-ft-dataset",
+                           label="Dataset folder (the one Export writes to)", density="compact", hide_details=True,
+                           classes="mb-2")
+                VTextField(v_model=("fs_ft_minutes", "30"), id="fs-ft-minutes", label="Time budget (minutes)",
+                           type="number", density="compact", hide_details=True, classes="mb-2")
+                VBtn("Start", id="fs-ft-start", color="primary", size="small", disabled=("fs_ft_running",),
+                     click="trigger('fs_finetune', [fs_ft_dataset, fs_ft_minutes, fs_model])", classes="mr-2")
+                VBtn("Cancel", id="fs-ft-cancel", click=actions["cancel_finetune"], size="small", variant="tonal",
+                     disabled=("!fs_ft_running",))
+                VProgressLinear(v_if=("fs_ft_running",), id="fs-ft-progress", model_value=("fs_ft_progress",),
+                                height=14, color="primary", classes="mt-2")
+                html.Div("{{ fs_ft_stage }}", v_if=("fs_ft_running",), classes="text-caption")
+                html.Div("{{ fs_ft_result }}", v_if=("fs_ft_result",), id="fs-ft-result", classes="text-body-2 mt-1")

@@ -1,14 +1,16 @@
 """What the FemurSeg panel's buttons do, on the Slicer scene of one trame-slicer app.
 
 Long steps never block the server: segmentation runs in a warm child process (:class:`SegmentationWorker`, the
-model stays loaded between Segments) polled by an asyncio task that copies its progress into the trame state;
-fill runs in a worker thread. Scene work (MRML is not thread-safe) stays on the event loop and goes through
-:mod:`FemurSegLib.scene`, shared with desktop Slicer. Problems the user can fix arrive as FemurSegError and are shown in the page as they are.
+model stays loaded between Segments) and fine-tuning in another (:class:`FinetuneProcess`), polled by asyncio tasks
+that copy their progress into the trame state; fill runs in a worker thread. Scene work (MRML is not thread-safe)
+stays on the event loop and goes through :mod:`FemurSegLib.scene`, shared with desktop Slicer. Problems the user can
+fix arrive as FemurSegError and are shown in the page as they are.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
 import tempfile
@@ -27,7 +29,10 @@ from .. import scene
 from ..demo import SAMPLE_CT
 from ..errors import FemurSegError
 from ..fill import compute_fill
+from ..finetune import summary
+from ..finetune_runner import FinetuneProcess
 from ..imageio import read_ct, read_image, read_label
+from ..models import list_models
 from ..runner import SegmentationJob, SegmentationWorker
 from .panel import METRIC_ROWS
 from .safety import (SURFACES_FOLDER, check_case_name, check_upload_size, dataset_dir_inside, resolve_inside,
@@ -58,18 +63,23 @@ class Workflow:
         self.comparison: scene.Comparison | None = None
         self.worker = SegmentationWorker()
         self.process: SegmentationJob | None = None
+        self.finetune_process: FinetuneProcess | None = None
         self.state.update({
             "fs_message": "", "fs_message_type": "info", "fs_ct_name": "", "fs_busy": False, "fs_uploading": False,
             "fs_segmenting": False, "fs_progress": 0.0, "fs_stage": "", "fs_metrics": [], "fs_worst_slice": "",
             "fs_segment_items": [], "fs_target_segment": "", "fs_max_upload": max_upload_bytes,
             "fs_datasets_root": str(datasets_root), "fs_open_roots": ", ".join(str(r) for r in open_roots),
+            "fs_model_items": [], "fs_model": "", "fs_ft_running": False, "fs_ft_progress": 0.0, "fs_ft_stage": "",
+            "fs_ft_result": "",
         })
+        self._refresh_models()
         self.server.trigger("fs_upload")(self.upload)
         self.server.trigger("fs_upload_refused")(self.upload_refused)
         self.server.trigger("fs_open_path")(self.open_path)
         self.server.trigger("fs_load_fill_path")(self.load_fill_path)
         self.server.trigger("fs_export")(self.export)
         self.server.trigger("fs_export_surface")(self.export_surface)
+        self.server.trigger("fs_finetune")(self.finetune)
         self.state.change("fs_target_segment")(self._on_target_segment)
         # Segments added or selected in the Segment Editor show up in (and drive) the panel's segment choice.
         editor = slicer_app.segmentation_editor
@@ -79,11 +89,15 @@ class Workflow:
     def actions(self) -> dict[str, Callable]:
         """The panel's button callbacks."""
         return {"load_sample": self.load_sample, "segment": self.segment, "cancel": self.cancel,
-                "compute_fill": self.compute_fill}
+                "compute_fill": self.compute_fill, "cancel_finetune": self.cancel_finetune}
 
     def close(self) -> None:
-        """Stop a running segmentation and remove this session's temporary files."""
+        """Stop a running segmentation or fine-tuning and remove this session's temporary files."""
         self.worker.close()  # cancels a running segmentation
+        if self.finetune_process is not None:
+            self.finetune_process.cancel()
+            with contextlib.suppress(FemurSegError):
+                self.finetune_process.wait_for_completion()
         shutil.rmtree(self.work_dir, ignore_errors=True)
 
     # -- messages ---------------------------------------------------------------------------------------------
@@ -280,7 +294,7 @@ class Workflow:
             self._require_ct()
             if self.process is not None:
                 raise FemurSegError("A segmentation is already running.")
-            self.process = self.worker.segment(self.ct_image)
+            self.process = self.worker.segment(self.ct_image, model=self.state.fs_model or None)
             with self.state:
                 self.state.update({"fs_segmenting": True, "fs_progress": 0.0, "fs_stage": "starting"})
             self._say("Segmenting…")
@@ -316,8 +330,9 @@ class Workflow:
         if node is not None:
             self._set_draft(scene.SEGMENT_NNUNET, node)
         compared = " Compared with fill." if node is not None and self.state.fs_metrics else ""
-        summary = scene.describe_result(process.state.femurs, process.state.warnings)
-        self._say(summary + compared, "success" if node is not None and not process.state.warnings else "warning")
+        found = scene.describe_result(process.state.femurs, process.state.warnings)
+        ok = node is not None and not process.state.warnings
+        self._say(f"{found}{compared} (model {self.state.fs_model})", "success" if ok else "warning")
 
     def cancel(self) -> None:
         process, self.process = self.process, None
@@ -365,6 +380,8 @@ class Workflow:
             self._say(f"Exported '{name}' as case {result.case} ({result.split}) to {result.dataset_dir.name}: "
                       f"{result.image_path.name}, {result.label_path.name}; numTraining {result.num_training}.",
                       "success")
+            with self.state:
+                self.state.fs_ft_dataset = result.dataset_dir.name  # "Improve the model" uses what Export wrote
         self._guarded("Export", run)
 
     def export_surface(self, case_name: str, file_format: str, target_key: str) -> None:
@@ -381,3 +398,62 @@ class Workflow:
             self._say(f"Saved the surface of '{name}' as {SURFACES_FOLDER}/{path.name}: {check.describe()}.",
                       "warning" if check.problems() else "success")
         self._guarded("Surface export", run)
+
+    # -- models and fine-tuning ---------------------------------------------------------------------------------
+
+    def _refresh_models(self, select: str | None = None) -> None:
+        """The model choice: bundled and installed models, fine-tuned ones with their before/after figures."""
+        models = list_models()
+        items = [{"title": model.name + (" (bundled)" if model.bundled else "")
+                  + (f": {summary(model.card)}" if summary(model.card) else ""), "value": model.name}
+                 for model in models]
+        with self.state:
+            self.state.fs_model_items = items
+            names = [model.name for model in models]
+            if select in names:
+                self.state.fs_model = select
+            elif self.state.fs_model not in names:
+                self.state.fs_model = names[0] if names else ""
+
+    def finetune(self, dataset_name: str, minutes: str, base: str) -> None:
+        """Fine-tune ``base`` on ``datasets_root/dataset_name`` within ``minutes``, in a child process."""
+        def run() -> None:
+            if self.finetune_process is not None:
+                raise FemurSegError("A fine-tuning is already running.")
+            dataset_dir = dataset_dir_inside(self.datasets_root, str(dataset_name or ""))
+            try:
+                budget = float(str(minutes).strip())
+            except ValueError:
+                raise FemurSegError(f"Time budget '{minutes}' is not a number of minutes.") from None
+            self.finetune_process = FinetuneProcess(dataset_dir, base=str(base or "") or None, minutes=budget)
+            job = self.finetune_process.job
+            with self.state:
+                self.state.update({"fs_ft_running": True, "fs_ft_progress": 0.0, "fs_ft_stage": "starting",
+                                   "fs_ft_result": ""})
+            self._say(f"Fine-tuning '{job.base.name}' into '{job.name}' on {len(job.training)} training case(s), "
+                      f"validating on {len(job.validation)}; about {budget:g} min.")
+            asyncio.get_event_loop().create_task(self._watch_finetune(self.finetune_process))
+        self._guarded("Fine-tuning", run)
+
+    async def _watch_finetune(self, process: FinetuneProcess) -> None:
+        """Mirror the child's progress into the page; when it ends, list the new model and select it."""
+        while True:
+            state = process.poll()
+            with self.state:
+                self.state.fs_ft_progress = round(100 * state.progress, 1)
+                self.state.fs_ft_stage = state.describe()
+            if state.finished:
+                break
+            await asyncio.sleep(POLL_S)
+        if self.finetune_process is process:
+            self.finetune_process = None
+        if state.model_name:
+            self._refresh_models(select=state.model_name)
+        with self.state:
+            self.state.fs_ft_running = False
+            self.state.fs_ft_result = state.describe()
+        self._say(state.describe(), "error" if state.error else "warning" if state.cancelled else "success")
+
+    def cancel_finetune(self) -> None:
+        if self.finetune_process is not None:
+            self.finetune_process.cancel()  # returns at once; the watcher reports the end

@@ -17,10 +17,16 @@ def ui_object_names() -> set[str]:
     return {element.get("name") for element in ElementTree.parse(UI).iter("widget")}
 
 
+def module_sources() -> list[Path]:
+    """FemurSeg.py and the panel parts beside it (FemurSegWidgets/)."""
+    return sorted((REPO / "FemurSeg").rglob("*.py"))
+
+
 def test_every_ui_attribute_used_in_the_module_exists_in_the_ui_file():
-    used = set(re.findall(r"self\.ui\.(\w+)", MODULE.read_text()))
-    assert used, "the module uses no self.ui widgets?"
-    assert used - ui_object_names() == set()
+    for source in module_sources():
+        used = set(re.findall(r"self\.ui\.(\w+)", source.read_text()))
+        assert used or source.name == "__init__.py", f"{source.name} uses no self.ui widgets?"
+        assert used - ui_object_names() == set(), source.name
 
 
 def test_parameter_names_in_the_ui_are_fields_of_the_parameter_node():
@@ -41,7 +47,8 @@ def test_ui_is_well_formed_with_the_module_class():
 
 
 def test_module_compiles(tmp_path):
-    py_compile.compile(str(MODULE), cfile=str(tmp_path / "FemurSeg.pyc"), doraise=True)
+    for source in module_sources():
+        py_compile.compile(str(source), cfile=str(tmp_path / f"{source.stem}.pyc"), doraise=True)
 
 
 def test_no_file_in_the_module_folder_is_over_400_lines():
@@ -83,6 +90,8 @@ def test_pinned_packages_match_requirements():
 
 def test_cmake_lists_the_module_resources_that_exist():
     cmake = (REPO / "FemurSeg" / "CMakeLists.txt").read_text()
-    for resource in re.findall(r"^\s+(Resources/\S+)$", cmake, flags=re.MULTILINE):
+    for resource in re.findall(r"^\s+(Resources/\S+|\$\{MODULE_NAME\}\S*\.py)$", cmake, flags=re.MULTILINE):
         assert (REPO / "FemurSeg" / resource.replace("${MODULE_NAME}", "FemurSeg")).is_file(), resource
+    listed = set(re.findall(r"^\s+\$\{MODULE_NAME\}(\S*\.py)$", cmake, flags=re.MULTILINE))
+    assert {f"{p.relative_to(REPO / 'FemurSeg')}".removeprefix("FemurSeg") for p in module_sources()} == listed
     assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in cmake

@@ -24,6 +24,7 @@ import pytest
 import SimpleITK as sitk
 
 from FemurSegLib.errors import FemurSegError
+from FemurSegLib.models import DEFAULT_MODEL
 from FemurSegLib.web.safety import dataset_dir_inside, resolve_inside, validated_upload
 
 REPO = Path(__file__).resolve().parents[2]
@@ -100,7 +101,8 @@ def web_server(tmp_path_factory) -> Iterator[tuple[str, Path, Path]]:
     port = _free_port()
     (base / "tmp").mkdir()  # the server's temporary files: SIGKILL leaves them, pytest's tmp rotation removes them
     env = dict(os.environ, VTK_DEFAULT_OPENGL_WINDOW="vtkEGLRenderWindow", PYTHONPATH=str(REPO),
-               FEMURSEG_WEB_MAX_UPLOAD_MB=str(MAX_UPLOAD_MB), TMPDIR=str(base / "tmp"))
+               FEMURSEG_WEB_MAX_UPLOAD_MB=str(MAX_UPLOAD_MB), TMPDIR=str(base / "tmp"),
+               FEMURSEG_MODELS_DIR=str(base / "models"))  # fine-tuned models go here, not into the user's folder
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "FemurSegLib", "web", "--port", str(port), "--datasets-root", str(datasets_root)],
@@ -249,6 +251,15 @@ def test_refusals_leave_the_server_up(web_server, browser, tmp_path):
     page.type("fs-dataset", "../Dataset666_Escape")
     page.click("fs-export")
     page.expect("not a plain nnU-Net dataset name")
+    page.dismiss()
+    page.type("fs-ft-dataset", "../Dataset666_Escape")  # Improve the model: the same confinement, no child started
+    page.click("fs-ft-start")
+    page.expect("not a plain nnU-Net dataset name")
+    page.dismiss()
+    page.type("fs-ft-dataset", "Dataset103_Missing")
+    page.click("fs-ft-start")
+    page.expect("Dataset103_Missing' does not exist")
+    assert not browser.find_elements(page.by.ID, "fs-ft-progress")
     assert not any(datasets_root.parent.glob("Dataset666*")) and not any(datasets_root.iterdir())
 
 
@@ -386,3 +397,39 @@ def test_a_ct_without_a_femur_says_so_and_adds_nothing(web_server, browser, tmp_
     page.click("fs-segment")
     page.expect("No femur found", timeout_s=120)
     assert browser.execute_script("return document.body.innerText").count("(nnU-Net)") == items_before
+
+
+def test_improve_the_model_then_segment_with_it(web_server, browser):
+    """Export three cases, Start fine-tuning with a tiny budget, wait for the new model in the list, Segment with it."""
+    url, datasets_root, log_path = web_server
+    page = Page(browser, url)
+    page.dismiss()
+    page.type("fs-path", "")
+    page.click("fs-load-sample")
+    page.expect("Loaded FemurPhantom05.nrrd")
+    page.click("fs-compute-fill")
+    page.expect("Fill computed")
+    page.dismiss()
+    page.type("fs-dataset", "Dataset102_FemurImprove")
+    for case, split in (("site1", "train"), ("site2", "train"), ("site3", "test")):
+        page.type("fs-case", case)
+        browser.execute_script(f"document.getElementById('fs-split-{split}').click()")
+        page.click("fs-export")
+        page.expect(f"as case {case} ({split})")
+        page.dismiss()
+    assert page.element("fs-ft-dataset").get_attribute("value") == "Dataset102_FemurImprove"  # what Export wrote
+
+    page.type("fs-ft-minutes", "0.1")  # the whole job's budget: training stops after its first iteration
+    page.click("fs-ft-start")
+    _wait(lambda: browser.find_elements(page.by.ID, "fs-ft-progress"), 20, "the fine-tuning progress bar")
+    done = page.expect(f"New model {DEFAULT_MODEL}-FemurImprove installed and selected: Dice ", timeout_s=300)
+    assert " -> " in done and "on 1 validation case(s)" in done
+    assert (datasets_root.parent / "models" / f"{DEFAULT_MODEL}-FemurImprove" / "model_card.json").is_file()
+    shown = browser.execute_script(  # the model choice now shows the new model with its figures
+        "return document.getElementById('fs-model').closest('.v-select').innerText")
+    assert f"{DEFAULT_MODEL}-FemurImprove: Dice " in shown, shown
+    page.dismiss()
+
+    page.click("fs-segment")
+    page.expect(f"(model {DEFAULT_MODEL}-FemurImprove)", timeout_s=120)
+    assert "Traceback" not in log_path.read_text()

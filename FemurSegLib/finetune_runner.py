@@ -1,0 +1,154 @@
+"""Fine-tuning in a child process, for GUIs that must stay live (desktop Slicer, the browser app).
+
+The child is ``python -m FemurSegLib finetune DATASET --progress-json …`` (the command line's own path, so every
+front end fine-tunes the same way): it prints one JSON object per line (``{"progress": f, "stage": s}``,
+``{"message": m}``, and at the end ``{"done": name, "model": folder, "summary": text}``) and refusals as
+``femurseg: error: …`` on stderr. It runs in its own process group (session). :meth:`FinetuneProcess.cancel`
+interrupts it (SIGINT: Python unwinds, an install in progress removes its staging copy) and kills the whole group
+if it has not ended ``CANCEL_GRACE_S`` later; either way no model is installed, and starting the same fine-tuning
+again resumes from its last epoch. The caller polls :meth:`poll` from its event loop (a Qt timer, a trame async
+task) or blocks in :meth:`wait_for_completion` (scripts and tests).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import FemurSegError
+from .finetune import ITERATIONS_PER_EPOCH, plan_finetune
+
+CANCEL_GRACE_S = 15.0  # one training iteration on a 2-core CPU takes a few seconds
+
+
+@dataclass
+class FinetuneState:
+    progress: float = 0.0
+    stage: str = "starting"
+    messages: list[str] = field(default_factory=list)
+    model_name: str | None = None  # the installed model, once done
+    model_folder: str | None = None
+    summary: str = ""  # its before/after figures
+    error: str | None = None
+    finished: bool = False
+    cancelled: bool = False
+
+    def describe(self) -> str:
+        """One line for a GUI: what runs now, or how it ended (the same words in Slicer and the browser)."""
+        if not self.finished:
+            return self.stage + (f": {self.messages[-1]}" if self.messages else "")
+        if self.error:
+            return f"Fine-tuning failed: {self.error}"
+        if self.cancelled:
+            return "Fine-tuning cancelled; no model was installed. Start it again to resume where it stopped."
+        return f"New model {self.model_name} installed and selected: {self.summary}."
+
+
+class FinetuneProcess:
+    """One background fine-tuning; read ``state`` at any time (after :meth:`poll`). The request is checked here
+    first (:func:`finetune.plan_finetune`, FemurSegError at once: no child starts for a refused request);
+    ``job`` says what the child will do."""
+
+    def __init__(self, dataset_dir: str | os.PathLike, base: str | None = None, name: str | None = None,
+                 minutes: float | None = None, epochs: int | None = None,
+                 iterations: int = ITERATIONS_PER_EPOCH, device: str = "auto", python: str | None = None) -> None:
+        self.job = plan_finetune(dataset_dir, base=base, name=name, epochs=epochs, minutes=minutes,
+                                 iterations=iterations)
+        command = [python or sys.executable, "-m", "FemurSegLib", "finetune", str(dataset_dir), "--device", device,
+                   "--progress-json", "--name", self.job.name, "--iterations", str(iterations)]
+        for option, value in (("--from", base), ("--minutes", minutes), ("--epochs", epochs)):
+            if value is not None:
+                command += [option, str(value)]
+        environment = dict(os.environ)
+        package_root = str(Path(__file__).resolve().parent.parent)
+        environment["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, environment.get("PYTHONPATH")]))
+        self.state = FinetuneState()
+        self._lock = threading.Lock()
+        self._stderr: list[str] = []
+        self._kill_at: float | None = None
+        self._process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                         env=environment, start_new_session=True)
+        self._readers = [threading.Thread(target=self._read_stdout, daemon=True),
+                         threading.Thread(target=self._read_stderr, daemon=True)]
+        for reader in self._readers:
+            reader.start()
+
+    def _read_stdout(self) -> None:
+        assert self._process.stdout is not None
+        for line in self._process.stdout:
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(event, dict):
+                continue
+            with self._lock:
+                if "progress" in event:
+                    self.state.progress = float(event["progress"])
+                    self.state.stage = str(event.get("stage", ""))
+                if "message" in event:
+                    self.state.messages.append(str(event["message"]))
+                if "done" in event:
+                    self.state.model_name = str(event["done"])
+                    self.state.model_folder = str(event.get("model", ""))
+                    self.state.summary = str(event.get("summary", ""))
+
+    def _read_stderr(self) -> None:
+        assert self._process.stderr is not None
+        for line in self._process.stderr:
+            self._stderr.append(line.rstrip())
+            del self._stderr[:-200]  # nnU-Net and torch warnings can be many; the last lines say why it ended
+
+    def _signal(self, number: int) -> None:
+        try:
+            os.killpg(self._process.pid, number)
+        except ProcessLookupError:
+            pass
+
+    def poll(self) -> FinetuneState:
+        """Update and return the state without blocking (and kill a cancelled child that outstayed its grace)."""
+        code = self._process.poll()
+        if code is None and self._kill_at is not None and time.monotonic() > self._kill_at:
+            self._signal(signal.SIGKILL)
+            code = self._process.wait()
+        if code is not None and not self.state.finished:
+            self._signal(signal.SIGKILL)  # anything the child left in its group
+            for reader in self._readers:
+                reader.join(timeout=5)
+            with self._lock:
+                self.state.finished = True
+                if code == 0 and self.state.model_name is not None:
+                    self.state.cancelled = False  # it had finished before the cancel reached it
+                elif not self.state.cancelled:
+                    errors = [line for line in self._stderr if line.startswith("femurseg: error:")]
+                    self.state.error = (errors[-1].removeprefix("femurseg: error: ") if errors else
+                                        "Fine-tuning failed: " + (self._stderr[-1] if self._stderr
+                                                                  else f"exit code {code}"))
+        return self.state
+
+    def cancel(self) -> None:
+        """Interrupt the child now; returns at once (poll or wait_for_completion finish it off)."""
+        if self._process.poll() is None and self._kill_at is None:
+            self.state.cancelled = True
+            self._kill_at = time.monotonic() + CANCEL_GRACE_S
+            self._signal(signal.SIGINT)
+
+    def wait_for_completion(self, timeout_s: float | None = None) -> FinetuneState:
+        """Block until the child ends; raise FemurSegError on failure or time-out (then the child is stopped)."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while not self.poll().finished:
+            if deadline is not None and time.monotonic() > deadline and not self.state.cancelled:
+                self.cancel()
+                self.wait_for_completion()
+                raise FemurSegError(f"Fine-tuning took longer than {timeout_s:.0f} s and was stopped.")
+            time.sleep(0.1)
+        if self.state.error:
+            raise FemurSegError(self.state.error)
+        return self.state
