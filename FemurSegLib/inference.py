@@ -327,7 +327,8 @@ class Segmenter:
             full = np.zeros(array.shape, dtype=bool)
             full[box] = femur
             masks.append(full)
-        return [m for m in masks if m.any()]
+        voxel_ml = float(np.prod(spacing)) / 1000.0
+        return [m for m in masks if m.sum() * voxel_ml >= MIN_FEMUR_ML]  # a located speck is not a femur
 
     def _components(self, mask: np.ndarray, spacing: np.ndarray) -> list[np.ndarray]:
         """Up to two pieces of at least MIN_FEMUR_ML (one when keep_largest_component is off: all of it)."""

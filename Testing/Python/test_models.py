@@ -153,7 +153,7 @@ def test_folder_with_two_labels_is_refused(bundled, tmp_path):
 
 
 def test_unknown_model_name_lists_what_is_installed(models_dir):
-    with pytest.raises(FemurSegError, match="No model named 'nope'.*FemurPhantom3dSmall"):
+    with pytest.raises(FemurSegError, match="No model named 'nope'.*FemurReal3dSmall"):
         resolve_model("nope")
 
 
