@@ -266,8 +266,8 @@ class Segmenter:
         steps = _Steps(report, cancel)
 
         if self.locator is None:
-            steps.plan([self.network.calls(array.shape, spacing)])
-            femur_masks = self._components(self._predict(self.network, array, spacing, steps) >= 0.5, spacing)
+            steps.stage(self.network.calls(array.shape, spacing), 0.05, 0.95)
+            femur_masks = self._components(self._predict(self.network, array, spacing, steps) > 0.5, spacing)
         else:
             femur_masks = self._locate_and_segment(oriented, array, spacing, steps)
         if cancel.is_set():
@@ -304,8 +304,8 @@ class Segmenter:
                             steps: "_Steps") -> list[np.ndarray]:
         coarse = _resample_to_spacing(oriented, self.locator.spacing[::-1], sitk.sitkLinear, -1000.0)
         coarse_array = sitk.GetArrayFromImage(coarse)
-        steps.plan([self.locator.calls(coarse_array.shape, self.locator.spacing)])
-        located = self.locator.probability(coarse_array, self.locator.spacing, steps.on_conv) >= 0.5
+        steps.stage(self.locator.calls(coarse_array.shape, self.locator.spacing), 0.05, 0.25)
+        located = self.locator.probability(coarse_array, self.locator.spacing, steps.on_conv) > 0.5
         pieces = self._components(located, self.locator.spacing)
         boxes = []
         for piece in pieces:
@@ -317,11 +317,11 @@ class Segmenter:
             start = np.maximum(np.floor(np.minimum(*corners) - margin).astype(int), 0)
             stop = np.minimum(np.ceil(np.maximum(*corners) + margin).astype(int) + 1, array.shape)
             boxes.append(tuple(slice(int(a), int(b)) for a, b in zip(start, stop)))
-        steps.plan([steps.planned[0]] + [self.network.calls(array[box].shape, spacing) for box in boxes])
+        steps.stage(sum(self.network.calls(array[box].shape, spacing) for box in boxes), 0.25, 0.95)
         masks = []
         for box in boxes:
             probability = self._predict(self.network, array[box], spacing, steps)
-            femur = probability >= 0.5
+            femur = probability > 0.5  # as nnU-Net's argmax: a tie is background
             if self.options.keep_largest_component:
                 femur = largest_component(femur)
             full = np.zeros(array.shape, dtype=bool)
@@ -357,21 +357,21 @@ class Segmenter:
 
 
 class _Steps:
-    """Progress over several network runs, and the cancel check every convolution makes."""
+    """Progress over the network runs (each stage owns a share of the bar), and the cancel check every
+    convolution makes."""
 
     def __init__(self, report: ProgressCallback, cancel: threading.Event) -> None:
         self.report, self.cancel = report, cancel
-        self.planned: list[int] = [1]
-        self.done = 0
+        self.calls, self.start, self.end, self.done = 1, 0.05, 0.95, 0
 
-    def plan(self, calls: list[int]) -> None:
-        self.planned = calls
+    def stage(self, calls: int, start: float, end: float) -> None:
+        self.calls, self.start, self.end, self.done = max(1, calls), start, end, 0
 
     def on_conv(self, _module, _inputs) -> None:
         if self.cancel.is_set():
             raise InferenceCancelled()
         self.done += 1
-        self.report(0.05 + 0.9 * min(1.0, self.done / max(1, sum(self.planned))), "predicting")
+        self.report(self.start + (self.end - self.start) * min(1.0, self.done / self.calls), "predicting")
 
 
 def _resample_to_spacing(image: sitk.Image, spacing_xyz: np.ndarray, interpolator: int, default: float) -> sitk.Image:
