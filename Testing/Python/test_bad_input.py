@@ -278,13 +278,20 @@ def _(folder: Path) -> Attempt:
     return cli("models", "install", archive)
 
 
-@case("segmentation child process (Slicer, browser) with a hostile model", "full pickle loader")
+@case("segmentation worker (Slicer, browser) with a hostile model", "full pickle loader")
 def _(folder: Path) -> Attempt:
-    from FemurSegLib.runner import SegmentationProcess
+    from FemurSegLib.imageio import read_ct
+    from FemurSegLib.runner import SegmentationWorker
 
     ct, model = ct_file(folder), hostile_model(folder)
-    return library(lambda: SegmentationProcess(ct, folder / "out.nrrd", model=str(model), device="cpu")
-                   .wait_for_completion(timeout_s=240))
+
+    def attempt() -> None:
+        worker = SegmentationWorker()
+        try:
+            worker.segment(read_ct(ct), model=str(model), device="cpu").wait_for_completion(timeout_s=240)
+        finally:
+            worker.close()
+    return library(attempt)
 
 
 @case("Slicer logic's in-process Segmenter with a hostile model", "full pickle loader")
