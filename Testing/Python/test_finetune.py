@@ -83,6 +83,13 @@ def two_configuration_base(root: Path) -> Path:
     return root
 
 
+def one_configuration_base(root: Path) -> Path:
+    """The bundled 1 mm network alone, as an nnU-Net model from elsewhere (no model card, no locator)."""
+    network = resolve_model(None).trained_folder
+    shutil.copytree(network, root / network.parent.name / network.name)
+    return root
+
+
 def dice(truth: sitk.Image, other: sitk.Image) -> float:
     measures = sitk.LabelOverlapMeasuresImageFilter()
     measures.Execute(sitk.Cast(truth != 0, sitk.sitkUInt8), sitk.Cast(other != 0, sitk.sitkUInt8))
@@ -176,11 +183,12 @@ def test_slicer_loop_with_cancel_and_resume(tmp_path, models_dir, cases):
     model = next(m for m in list_models() if m.name == "Slicer")
     assert (model.card["finetune"]["runs"], model.card["finetune"]["epochs"], model.card["finetune"]["iterations"]) \
         == (2, 2, 2), "the second run trained only the epoch the first one did not finish"
-    assert model.card["finetune"]["training_cases"] == list(TRAIN) and not model.card["finetune"][
-        "cropped_to_femur_regions"]
+    base_has_locator = resolve_model(None).locator_folder is not None
+    assert model.card["finetune"]["cropped_to_femur_regions"] == base_has_locator
+    assert model.card["finetune"]["training_cases"] == list(TRAIN)
 
     segmenter = Segmenter(model.root, InferenceOptions(device="cpu"), notify=lambda message: None)
-    node = scene.segment_volume_node(app.scene, app.segmentations_logic, nodes[TEST], segmenter)
+    node, _ = scene.segment_volume_node(app.scene, app.segmentations_logic, nodes[TEST], segmenter)
     label = scene.segment_to_sitk(app.scene, app.segmentations_logic, node, None, nodes[TEST])
     assert dice(cases[TEST][1], label) == pytest.approx(
         model.card["validation"]["after"]["per_case"][TEST]["dice"], abs=1e-9)
@@ -194,7 +202,8 @@ def test_only_a_base_with_a_locator_trains_on_femur_regions(tmp_path, cases):
         export_case(ct, label, dataset, name, test=name == TEST)
     ct, label = (sitk.ConstantPad(image, [40] * 3, [40] * 3, value)  # room around the femur for its region
                  for image, value in zip(cases[TRAIN[0]], (-1000, 0)))
-    whole = _training_pieces(plan_finetune(dataset), TRAIN[0], ct, label)
+    whole = _training_pieces(plan_finetune(dataset, base=str(one_configuration_base(tmp_path / "A"))), TRAIN[0], ct,
+                             label)
     assert list(whole) == [TRAIN[0]] and whole[TRAIN[0]][0] is ct
     regions = _training_pieces(plan_finetune(dataset, base=str(two_configuration_base(tmp_path / "B"))), TRAIN[0],
                                ct, label)

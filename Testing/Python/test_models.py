@@ -66,7 +66,8 @@ def test_zip_from_nnunets_own_exporter_installs_and_runs(bundled, tmp_path, mode
     assert model.root == models_dir / "exported"
     ct = sitk.ReadImage(str(SAMPLE_CT))
     installed = Segmenter(model.root, InferenceOptions(device="cpu"), notify=lambda m: None).segment(ct)
-    original = Segmenter(bundled.root, InferenceOptions(device="cpu"), notify=lambda m: None).segment(ct)
+    # The exporter packs one trained folder: compare with the bundled 1 mm network run alone (no locator).
+    original = Segmenter(bundled.trained_folder, InferenceOptions(device="cpu"), notify=lambda m: None).segment(ct)
     assert compare_images(original, installed).dice == 1.0, "same weights, same voxels"
     assert resolve_model("exported").root == model.root
     remove_model("exported")

@@ -53,7 +53,7 @@ def test_every_twenty_cases_hold_the_family_mix() -> None:
 
 
 def test_regions_hold_each_whole_femur_with_its_margin() -> None:
-    ct, label, info = generate_case("invivo", 4)
+    ct, label, info = generate_case("invivo", 2)
     regions = training.femur_regions(ct, label, np.random.default_rng(0))
     assert len(regions) == len(info.sides) == 2
     statistics = sitk.LabelShapeStatisticsImageFilter()
