@@ -398,7 +398,8 @@ def femur_sides(masks: list[np.ndarray], oriented: sitk.Image) -> list[str]:
 def _side_from_shape(mask: np.ndarray, oriented: sitk.Image) -> str:
     """A femur with its shaft near the scanner's z axis: its head is medial, so head at -x of the shaft = left."""
     points = np.argwhere(mask)[:: max(1, int(mask.sum()) // 20000)].astype(float)
-    physical = np.array([oriented.TransformContinuousIndexToPhysicalPoint(p[::-1].tolist()) for p in points])
+    direction = np.array(oriented.GetDirection()).reshape(3, 3)
+    physical = np.array(oriented.GetOrigin()) + (points[:, ::-1] * np.array(oriented.GetSpacing())) @ direction.T
     centred = physical - physical.mean(0)
     axis = np.linalg.svd(centred, full_matrices=False)[2][0]
     if abs(axis[2]) < np.cos(np.deg2rad(35)):
