@@ -12,24 +12,31 @@ Layout: nnU-Net's, plus FemurSeg's own files, which nnU-Net never looks at::
         .femurseg.lock                     serialises exporters (filelock's flock: freed by the kernel if one dies)
 
 Crash safety. nnU-Net enumerates cases by the images in imagesTr, demands a label for each and numTraining equal
-to their count. An export therefore first writes and fsyncs every new file into a hidden staging folder
-``DATASET_DIR/.femurseg-staging-*`` (not beside the final names: a half-written ``.x.part.nii.gz`` in imagesTr
-ends in file_ending and nnU-Net would count it as a case), then writes the staging folder's ``journal.json``:
-the list of renames that publish the export, in this order: (replace only) the case's old image, then its old
-label and provenance, into femurseg/replaced/; the new label; the new image; dataset.json (when numTraining
-changes); the provenance. The journal's appearance (a rename) is the commit point; the renames follow, each
-atomic on one filesystem and fsynced.
+to their count, unless dataset.json lists the cases' files under its ``dataset`` key, which it then reads instead.
+An export first writes and fsyncs every new file into a hidden staging folder ``DATASET_DIR/.femurseg-staging-*``
+(not beside the final names: a half-written ``.x.part.nii.gz`` in imagesTr ends in file_ending and nnU-Net would
+count it as a case), then writes the staging folder's ``journal.json``, the list of steps that publish the export
+(each a rename or a hard link, atomic on one filesystem and fsynced). The journal's appearance (a rename) is the
+commit point.
 
-Invariant, wherever the process is killed: every image in imagesTr/imagesTs has beside it the complete label
-from the same export, so for nnU-Net each case is fully present or fully absent, never old image with new label;
-no image, label or provenance is ever deleted or overwritten (old versions are moved aside); dataset.json is
-always complete and parseable (replaced by a rename), though a brand-new dataset has none until its first export
-reaches that step. Every export, under the lock, first recovers (``recover_dataset`` does only that): a staging
-folder without a journal (killed before the commit) is removed, so the dataset holds what it held before; one
-with a journal is replayed to its end (renames already done are skipped), so a killed ``replace`` ends with
-the new case complete and the old one in femurseg/replaced/, never with the case gone; orphan images and labels
-go to femurseg/recovered/ and numTraining is recomputed from the files. Between the kill and that recovery a
-replaced case can be absent (numTraining then disagrees, so nnU-Net's verifier fails loudly), never mixed.
+- A new case: the new label, the new image, dataset.json (new numTraining), the provenance. Before the image
+  lands the case is absent, after it present and complete.
+- ``replace`` of a training case: first a dataset.json that lists every training case under ``dataset``, the
+  replaced one pointing at its staged new files (``LISTING_MARKER`` says FemurSeg wrote it); from then on nnU-Net
+  reads the listing and sees the new case, complete. Then the old image, label and provenance move into
+  femurseg/replaced/; the staged files are hard-linked to their final names (so the listing stays valid); the
+  provenance lands; last, dataset.json without the listing. So at every instant nnU-Net sees the old case or the
+  new one, complete, never neither and never old image with new label.
+
+Invariant, wherever the process is killed: what nnU-Net enumerates is a set of complete cases, each from one
+export; no image, label or provenance is ever deleted or overwritten (old versions are moved aside); dataset.json
+is always complete and parseable (replaced by a rename), though a brand-new dataset has none until its first export
+reaches that step. Every export, under the lock, first recovers (``recover_dataset`` does only that; fine-tuning
+calls it when it finds a staging folder): a staging folder without a journal (killed before the commit) is removed,
+so the dataset holds what it held before; one with a journal is replayed to its end (steps already done are
+skipped), so a killed ``replace`` ends with the new case complete and the old one in femurseg/replaced/; orphan
+images and labels go to femurseg/recovered/ and numTraining is recomputed from the files. Between the kill of a
+new-case export and that recovery, numTraining can be one short (nnU-Net's verifier then fails loudly).
 
 Refusals raise FemurSegError before the first rename and leave the dataset byte for byte as it was, except the
 lock file, the empty folder of a dataset that did not exist, and the crash leftovers cleared as above.
@@ -72,6 +79,7 @@ FEMURSEG_FOLDER = "femurseg"
 LOCK_FILE = ".femurseg.lock"
 STAGING_PREFIX = ".femurseg-staging-"
 JOURNAL = "journal.json"
+LISTING_MARKER = "femurseg_publishing"  # in a dataset.json whose "dataset" listing a replace wrote
 MAX_LABEL_FRACTION = 0.5
 LOCK_TIMEOUT_S = 600.0
 
@@ -166,18 +174,30 @@ def _export_locked(dataset_dir: Path, dataset_json: dict[str, Any], json_exists:
                   replaced=_relative(replaced_dir, dataset_dir) if replaced_dir else None)
     staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=dataset_dir))
     try:
-        staged = {label_path: staging / f"label{ending}", image_path: staging / f"image{ending}"}
-        _stage_image(label_image, staged[label_path])
-        _stage_image(ct_image, staged[image_path])
-        if json_changed:
-            staged[dataset_dir / "dataset.json"] = _stage_bytes(staging / "dataset.json", _json_bytes(dataset_json))
-        staged[provenance_path] = _stage_bytes(staging / "provenance.json", _json_bytes(record))
+        listed = any(path.parent.name in SPLITS["train"] for path in old_files)  # replacing a training case
+        label_staged = _stage_image(label_image, staging / f"label{ending}")
+        image_staged = _stage_image(ct_image, staging / f"image{ending}")
+        json_path = dataset_dir / "dataset.json"
+        final_json = [("move", _stage_bytes(staging / "dataset.json", _json_bytes(dataset_json)), json_path)] \
+            if json_changed or listed else []
+        provenance = ("move", _stage_bytes(staging / "provenance.json", _json_bytes(record)), provenance_path)
+        steps = []
+        if listed:
+            listing = {known: _listed_files(known, ending) for known in sorted(train_cases - {case})}
+            if split == "train":
+                listing[case] = {"images": [_relative(image_staged, dataset_dir)],
+                                 "label": _relative(label_staged, dataset_dir)}
+            listed_json = {**dataset_json, "numTraining": len(listing), "dataset": listing, LISTING_MARKER: case}
+            steps.append(("move", _stage_bytes(staging / "dataset-listed.json", _json_bytes(listed_json)), json_path))
+        steps += [("move", old, replaced_dir / old.parent.name / old.name) for old in old_files]
+        publish = "link" if listed else "move"  # a link keeps the listed staged file where the listing says
+        steps += [(publish, label_staged, label_path), (publish, image_staged, image_path)]
+        steps += [provenance, *final_json] if listed else [*final_json, provenance]
         for folder in {*SPLITS["train"], image_folder, label_folder, FEMURSEG_FOLDER}:
             (dataset_dir / folder).mkdir(exist_ok=True)
-        renames = [(old, replaced_dir / old.parent.name / old.name) for old in old_files] + \
-            [(temporary, final) for final, temporary in staged.items()]
         _stage_bytes(staging / f"{JOURNAL}.part", _json_bytes(
-            {"case": case, "renames": [[_relative(a, dataset_dir), _relative(b, dataset_dir)] for a, b in renames]}))
+            {"case": case, "steps": [[kind, _relative(a, dataset_dir), _relative(b, dataset_dir)]
+                                     for kind, a, b in steps]}))
         _move(staging / f"{JOURNAL}.part", staging / JOURNAL)  # the commit point
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -227,18 +247,28 @@ def _finish_interrupted(dataset_dir: Path) -> list[Path]:
 
 
 def _replay(dataset_dir: Path, staging: Path) -> list[Path]:
-    """Do the journal's renames that are not done yet, in order, then remove the staging folder; returns the
-    destinations it renamed into. A staged file still in staging is not published yet; an old file goes to
-    femurseg/replaced/ only while its backup does not exist (after the backup, a new file holds its name)."""
+    """Do the journal's steps that are not done yet, in order, then remove the staging folder; returns the
+    destinations it published. A staged file still in staging is not moved yet; a link is made while its final
+    name is free; an old file goes to femurseg/replaced/ only while its backup does not exist (after the backup,
+    a new file holds its name)."""
     journal = json.loads((staging / JOURNAL).read_bytes())
     done = []
-    for source, destination in journal["renames"]:
+    for kind, source, destination in journal["steps"]:
         source, destination = dataset_dir / source, dataset_dir / destination
-        if source.exists() and (source.parent == staging or not destination.exists()):
+        if not source.exists() or (destination.exists() and (kind == "link" or source.parent != staging)):
+            continue
+        if kind == "link":
+            _link(source, destination, staging)
+        else:
             _move(source, destination)
-            done.append(destination)
+        done.append(destination)
     shutil.rmtree(staging)
     return done
+
+
+def _listed_files(case: str, ending: str) -> dict[str, Any]:
+    """A training case as dataset.json's ``dataset`` key lists it (paths relative to the dataset folder)."""
+    return {"images": [f"{SPLITS['train'][0]}/{case}_0000{ending}"], "label": f"{SPLITS['train'][1]}/{case}{ending}"}
 
 
 def _files_by_case(folder: Path, ending: str, channel: bool) -> dict[str, list[Path]]:
@@ -446,6 +476,27 @@ def _move(source: Path, destination: Path) -> None:
     """Rename (atomic on one filesystem), then fsync the folder so the order survives a power cut too."""
     destination.parent.mkdir(parents=True, exist_ok=True)
     os.replace(source, destination)
+    folder = os.open(destination.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def _link(source: Path, destination: Path, staging: Path) -> None:
+    """Give a staged file its final name as well (a hard link; a copy renamed into place where the filesystem
+    has none), so that a listing naming the staged file stays valid."""
+    try:
+        os.link(source, destination)
+    except OSError as error:
+        if error.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK, errno.EXDEV):
+            raise
+        copy = staging / f"{source.name}.copy"
+        shutil.copyfile(source, copy)
+        with open(copy, "rb") as handle:
+            os.fsync(handle.fileno())
+        _move(copy, destination)
+        return
     folder = os.open(destination.parent, os.O_RDONLY)
     try:
         os.fsync(folder)

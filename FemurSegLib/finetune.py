@@ -43,7 +43,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import SimpleITK as sitk
 
-from .dataset import DATASET_FOLDER, dataset_cases, dataset_json_problem, export_case, femur_label
+from .dataset import (DATASET_FOLDER, STAGING_PREFIX, dataset_cases, dataset_json_problem, export_case, femur_label,
+                      recover_dataset)
 from .errors import FemurSegError
 from .imageio import mask_array, read_ct, read_label, require_same_grid, write_bytes_atomic
 from .models import ModelInfo, check_new_model_name, resolve_model, user_models_dir
@@ -115,6 +116,8 @@ def plan_finetune(dataset_dir: str | os.PathLike, base: str | None = None, name:
     if not DATASET_FOLDER.fullmatch(dataset_dir.name):
         raise FemurSegError(f"'{dataset_dir.name}' is not an nnU-Net dataset folder (DatasetNNN_Name).")
     base_model = resolve_model(base)
+    if any(dataset_dir.glob(f"{STAGING_PREFIX}*")):  # an export was interrupted: finish it first
+        recover_dataset(dataset_dir)
     dataset_json = _read_dataset_json(dataset_dir)
     base_json = json.loads((base_model.trained_folder / "dataset.json").read_text())
     _check_matches_base(dataset_json, base_json, dataset_dir, base_model)

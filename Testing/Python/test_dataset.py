@@ -22,7 +22,7 @@ import pytest
 import SimpleITK as sitk
 
 from FemurSegLib import __version__
-from FemurSegLib.dataset import LOCK_FILE, STAGING_PREFIX, export_case, recover_dataset
+from FemurSegLib.dataset import LISTING_MARKER, LOCK_FILE, STAGING_PREFIX, export_case, recover_dataset
 from FemurSegLib.errors import FemurSegError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -471,7 +471,8 @@ STEP_WORKER = textwrap.dedent("""
     from test_dataset import small_case
 
     def killed_at(step, action):
-        '''Run ``action`` in a forked child that SIGKILLs itself just before its step-th rename, fsync or rmtree.'''
+        '''Run ``action`` in a forked child that SIGKILLs itself just before its step-th rename, link, fsync or
+        rmtree.'''
         pid = os.fork()
         if pid == 0:
             calls = [0]
@@ -482,7 +483,8 @@ STEP_WORKER = textwrap.dedent("""
                         os.kill(os.getpid(), signal.SIGKILL)
                     return original(*args, **kwargs)
                 return wrapped
-            os.replace, os.fsync, shutil.rmtree = hook(os.replace), hook(os.fsync), hook(shutil.rmtree)
+            os.replace, os.link, os.fsync = hook(os.replace), hook(os.link), hook(os.fsync)
+            shutil.rmtree = hook(shutil.rmtree)
             action()
             os._exit(0)
         return os.WIFSIGNALED(os.waitpid(pid, 0)[1])
@@ -515,6 +517,18 @@ def _pair(dataset: Path, case: str) -> tuple[np.ndarray, np.ndarray] | None:
     return read_array(image)[0], read_array(label)[0]
 
 
+def _pair_nnunet_reads(dataset: Path, case: str) -> tuple[np.ndarray, np.ndarray]:
+    """The case's image and label as nnU-Net's own file lookup finds them (the folders, or dataset.json's
+    listing), after checking that numTraining counts what it finds."""
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+
+    dataset_json = load_json(dataset / "dataset.json")
+    cases = get_filenames_of_train_images_and_targets(str(dataset), dataset_json)
+    assert len(cases) == dataset_json["numTraining"], f"{dataset.name}: numTraining disagrees with the files"
+    assert case in cases, f"{dataset.name}: nnU-Net does not see {case}"
+    return read_array(Path(cases[case]["images"][0]))[0], read_array(Path(cases[case]["label"]))[0]
+
+
 def _is_pair(found: tuple[np.ndarray, np.ndarray], expected: tuple[sitk.Image, sitk.Image]) -> bool:
     ct, label = expected
     return np.array_equal(found[0], sitk.GetArrayViewFromImage(ct)) and \
@@ -522,9 +536,10 @@ def _is_pair(found: tuple[np.ndarray, np.ndarray], expected: tuple[sitk.Image, s
 
 
 def test_sigkill_at_every_step_of_a_replace_leaves_the_old_or_the_new_case(tmp_path: Path) -> None:
-    """Kill ``export --replace`` before each of its renames, fsyncs and folder removals in turn: nnU-Net never sees
-    the case mixed (old image, new label) and the old files are never lost; recovery then gives back the old case
-    (killed before the journal) or the complete new one with the old files in femurseg/replaced/."""
+    """Kill ``export --replace`` before each of its renames, links, fsyncs and folder removals in turn: at every
+    kill point nnU-Net's own file lookup finds the case complete, old or new (never absent, never mixed), and the
+    old files are never lost; recovery then gives back the old case (killed before the journal) or the complete
+    new one with the old files in femurseg/replaced/."""
     template = tmp_path / "Dataset001_Template"
     old, new = small_case(0), small_case(3)
     export_case(*small_case(1), template, "A")
@@ -538,13 +553,15 @@ def test_sigkill_at_every_step_of_a_replace_leaves_the_old_or_the_new_case(tmp_p
     assert done.returncode == 0, done.stderr
     folders = [Path(line) for line in done.stdout.split()]
     assert len(folders) >= 15, f"only {len(folders) - 1} kill points: {done.stdout}"
-    outcomes = []
+    outcomes, mid_replace = [], None
     for folder in folders:
+        if mid_replace is None and LISTING_MARKER in load_json(folder / "dataset.json"):
+            mid_replace = shutil.copytree(folder, tmp_path / "mid" / folder.name)  # for nnU-Net's verifier below
         before = tree_hashes(folder)
         assert {name: before.get(name) for name in other} == other, f"{folder.name}: case A changed"
         assert old_bytes <= set(before.values()), f"{folder.name}: an old file of S1 is lost"
-        pair = _pair(folder, "S1")
-        assert pair is None or _is_pair(pair, old) or _is_pair(pair, new), f"{folder.name}: S1 is mixed"
+        pair = _pair_nnunet_reads(folder, "S1")
+        assert _is_pair(pair, old) or _is_pair(pair, new), f"{folder.name}: S1 is mixed"
         recover_dataset(folder)
         pair = _pair(folder, "S1")
         assert pair is not None, f"{folder.name}: S1 gone after recovery"
@@ -563,7 +580,9 @@ def test_sigkill_at_every_step_of_a_replace_leaves_the_old_or_the_new_case(tmp_p
     steps = outcomes[:-1]  # the last folder is the one whose recovery was killed too
     assert steps == sorted(steps, reverse=True) and "old" in steps and "new" in steps, steps  # old ... old new ... new
     assert outcomes[-1] == "new"
-    verify_with_nnunet(folders[steps.index("new") - 1], folders[-1])  # nnU-Net agrees (all 20 would take a minute)
+    assert mid_replace is not None, "no kill point fell while dataset.json listed the cases"
+    # nnU-Net agrees, mid-replace too (all 20 would take a minute)
+    verify_with_nnunet(folders[steps.index("new") - 1], folders[-1], mid_replace)
 
 
 def test_force_exports_an_empty_or_a_full_label(tmp_path: Path) -> None:
