@@ -29,7 +29,7 @@ from vtkmodules.vtkCommonMath import vtkMatrix4x4
 from . import dataset, metrics, surface
 from .errors import FemurSegError
 from .fill import FillParameters, compute_fill
-from .imageio import check_ct, check_volume, mask_array, read_label, require_same_grid
+from .imageio import check_ct, check_volume, label_image_like, mask_array, read_label, require_same_grid
 from .inference import femur_sides
 
 SEGMENT_NNUNET = "Femur (nnU-Net)"
@@ -359,14 +359,19 @@ def compare_segmentations(scene: Any, seg_logic: Any, reference_seg_node: Any, o
 
 def _femur_mask(scene: Any, seg_logic: Any, segmentation_node: Any, segment_id: str | None,
                 ct_volume_node: Any) -> np.ndarray:
-    """One segment's voxels; with no segment chosen, every femur segment of the node (left and right together)."""
-    if segment_id is None and segmentation_node is not None \
-            and segmentation_node.GetSegmentation().GetNumberOfSegments() > 1:
-        segmentation = segmentation_node.GetSegmentation()
-        ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
-        return np.logical_or.reduce([mask_array(segment_to_sitk(scene, seg_logic, segmentation_node, i, ct_volume_node))
-                                     for i in ids])
-    return mask_array(segment_to_sitk(scene, seg_logic, segmentation_node, segment_id, ct_volume_node))
+    return mask_array(femur_label(scene, seg_logic, segmentation_node, segment_id, ct_volume_node))
+
+
+def femur_label(scene: Any, seg_logic: Any, segmentation_node: Any, segment_id: str | None, ct_volume_node: Any,
+                value: int = 1) -> sitk.Image:
+    """One segment as a 0 / ``value`` label on the CT's grid; with no segment chosen, every segment of the node
+    together (a bilateral CT's "Femur left" and "Femur right": both are femur, as in the training data)."""
+    segmentation = segmentation_node.GetSegmentation() if segmentation_node is not None else None
+    if segment_id is not None or segmentation is None or segmentation.GetNumberOfSegments() < 2:
+        return segment_to_sitk(scene, seg_logic, segmentation_node, segment_id, ct_volume_node, value)
+    ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+    masks = [mask_array(segment_to_sitk(scene, seg_logic, segmentation_node, i, ct_volume_node)) for i in ids]
+    return label_image_like(np.logical_or.reduce(masks), sitk_from_volume_node(ct_volume_node), value)
 
 
 def dataset_femur_value(dataset_dir: str | os.PathLike) -> int:
@@ -387,17 +392,20 @@ def export_segment(scene: Any, seg_logic: Any, segmentation_node: Any, segment_i
                    ct_volume_node: Any, dataset_dir: str | os.PathLike, case: str, test: bool = False,
                    replace: bool = False, provenance: dict[str, Any] | None = None,
                    force: bool = False) -> dataset.ExportResult:
-    """Export the CT and one (corrected) segment as an nnU-Net case through dataset.export_case.
+    """Export the CT and one (corrected) segment, or with none chosen all of the node's, as an nnU-Net case
+    through dataset.export_case.
 
     The label gets dataset.json's femur value through the colour table (by segment name, not order).
     """
     ct = sitk_from_volume_node(ct_volume_node)
     value = dataset_femur_value(dataset_dir)
-    label = segment_to_sitk(scene, seg_logic, segmentation_node, segment_id, ct_volume_node, value)
-    segment_id = _single_segment_id(segmentation_node, segment_id)
+    label = femur_label(scene, seg_logic, segmentation_node, segment_id, ct_volume_node, value)
+    segmentation = segmentation_node.GetSegmentation()
+    names = [segmentation.GetSegment(segment_id).GetName()] if segment_id else \
+        [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
     record = dict(provenance or {})
     record.setdefault("slicer", {"ct_node": ct_volume_node.GetName(), "segmentation_node": segmentation_node.GetName(),
-                                 "segment": segmentation_node.GetSegmentation().GetSegment(segment_id).GetName()})
+                                 "segments": names})
     return dataset.export_case(ct, label, dataset_dir, case, test=test, replace=replace, provenance=record,
                                force=force)
 
@@ -405,12 +413,13 @@ def export_segment(scene: Any, seg_logic: Any, segmentation_node: Any, segment_i
 def export_segment_surface(scene: Any, seg_logic: Any, segmentation_node: Any, segment_id: str | None,
                            ct_volume_node: Any, path: str | os.PathLike,
                            options: surface.SurfaceOptions = surface.SurfaceOptions()) -> surface.SurfaceCheck:
-    """One segment's watertight surface for meshing, made from its voxels exactly as ``femurseg surface`` does.
+    """One segment's (none chosen: the node's segments together) watertight surface for meshing, made from its
+    voxels exactly as ``femurseg surface`` does.
 
     Slicer's closed-surface representation is for display (its smoothing and decimation are the viewer's); the
     file is made from the segment's labelmap on the CT grid, so it is the same for the CLI, batch and both GUIs.
     """
-    label = segment_to_sitk(scene, seg_logic, segmentation_node, segment_id, ct_volume_node)
+    label = femur_label(scene, seg_logic, segmentation_node, segment_id, ct_volume_node)
     return surface.write_label_surface(label, path, options)
 
 

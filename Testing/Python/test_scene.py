@@ -164,7 +164,7 @@ def test_laterality_from_the_femur_shape_in_the_scanner_frame():
     assert femur_scene.detect_laterality(lying, lying) is None
 
 
-def test_two_femurs_become_left_and_right_segments_with_snomed_laterality(app):
+def test_two_femurs_become_left_and_right_segments_with_snomed_laterality(app, tmp_path):
     from FemurSegLib.inference import Femur
 
     values = np.zeros((30, 20, 60), dtype=np.uint8)
@@ -184,6 +184,14 @@ def test_two_femurs_become_left_and_right_segments_with_snomed_laterality(app):
     assert femur_scene.describe_result([], ["no femur found"]) == "No femur found."
     assert femur_scene.describe_result(femurs, ["left: it is in several pieces"]) == \
         "Found Femur left 3 ml, Femur right 3 ml. Warning: left: it is in several pieces."
+    # Export with no segment chosen (the Slicer panel) labels both femurs as femur; a chosen segment only itself.
+    dataset_dir = tmp_path / "Dataset123_Bilateral"
+    both = femur_scene.export_segment(app.scene, app.segmentations_logic, node, None, ct_node, dataset_dir, "both")
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(both.label_path))), (values != 0).astype(np.uint8))
+    segmentation = node.GetSegmentation()
+    left_id = segmentation.GetSegmentIdBySegmentName("Femur left (nnU-Net)")
+    left = femur_scene.export_segment(app.scene, app.segmentations_logic, node, left_id, ct_node, dataset_dir, "left")
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(left.label_path))), (values == 1).astype(np.uint8))
     femur_scene._remove_node(app.scene, node)
     femur_scene._remove_node(app.scene, ct_node)
 
@@ -282,7 +290,7 @@ def test_correct_with_segment_editor_then_export_round_trips(app, flow, tmp_path
     exported_ct = sitk.ReadImage(str(result.image_path))
     assert np.array_equal(sitk.GetArrayFromImage(exported_ct), sitk.GetArrayFromImage(ct))
     assert np.allclose(exported_ct.GetOrigin(), ct.GetOrigin()) and np.allclose(exported.GetOrigin(), ct.GetOrigin())
-    assert json.loads(result.provenance_path.read_text())["slicer"]["segment"] == femur_scene.SEGMENT_NNUNET
+    assert json.loads(result.provenance_path.read_text())["slicer"]["segments"] == [femur_scene.SEGMENT_NNUNET]
 
 
 def ndilate(mask: np.ndarray, iterations: int) -> np.ndarray:
