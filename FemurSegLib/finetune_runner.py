@@ -12,7 +12,6 @@ task) or blocks in :meth:`wait_for_completion` (scripts and tests).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -22,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .childprocess import child_error, json_events
 from .errors import FemurSegError
 from .finetune import ITERATIONS_PER_EPOCH, plan_finetune
 
@@ -82,13 +82,7 @@ class FinetuneProcess:
 
     def _read_stdout(self) -> None:
         assert self._process.stdout is not None
-        for line in self._process.stdout:
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if not isinstance(event, dict):
-                continue
+        for event in json_events(self._process.stdout):
             with self._lock:
                 if "progress" in event:
                     self.state.progress = float(event["progress"])
@@ -127,10 +121,8 @@ class FinetuneProcess:
                 if code == 0 and self.state.model_name is not None:
                     self.state.cancelled = False  # it had finished before the cancel reached it
                 elif not self.state.cancelled:
-                    errors = [line for line in self._stderr if line.startswith("femurseg: error:")]
-                    self.state.error = (errors[-1].removeprefix("femurseg: error: ") if errors else
-                                        "Fine-tuning failed: " + (self._stderr[-1] if self._stderr
-                                                                  else f"exit code {code}"))
+                    self.state.error = child_error(self._stderr, "Fine-tuning failed" if self._stderr
+                                                   else f"Fine-tuning failed: exit code {code}")
         return self.state
 
     def cancel(self) -> None:

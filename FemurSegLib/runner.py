@@ -28,6 +28,7 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
+from .childprocess import child_error, json_events
 from .errors import FemurSegError
 from .imageio import read_image, write_image
 from .inference import Femur
@@ -208,11 +209,7 @@ class SegmentationWorker:
 
     def _read_events(self, process: subprocess.Popen) -> None:
         assert process.stdout is not None
-        for line in process.stdout:
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                continue
+        for event in json_events(process.stdout):
             job = self._job
             if job is not None and process is self._process and event.get("id", job.id) == job.id:
                 job._apply(event)
@@ -233,11 +230,9 @@ class SegmentationWorker:
         return True
 
     def _failure(self) -> str:
-        errors = [line for line in self._stderr if line.startswith("femurseg: error:")]
-        if errors:
-            return errors[-1].removeprefix("femurseg: error: ")
         code = self._process.returncode if self._process is not None else None
-        return "Segmentation failed: " + (self._stderr[-1] if self._stderr else f"the worker ended (exit code {code})")
+        return child_error(self._stderr, "Segmentation failed" if self._stderr
+                           else f"Segmentation failed: the worker ended (exit code {code})")
 
     def _kill(self) -> None:
         process = self._process
