@@ -6,7 +6,9 @@ ex-vivo real shapes, in-vivo hip CTs), training subjects only:
 - ``3d_locator`` on ``LOCATOR_DATASET`` (whole fields of view): 3 mm voxels, 64^3 patches (19 cm of context):
   finds the femur(s) in a whole CT cheaply (a 512 x 512 x 300 CT is ~120 x 120 x 80 voxels at 3 mm);
 - ``3d_femurseg`` on ``DATASET`` (the box around each femur, as inference crops it: bounding box plus a random
-  10-30 mm margin, cut from the same CTs): 1 mm voxels, 80^3 patches.
+  10-60 mm margin, cut from the same CTs): 1 mm voxels, 80^3 patches. Inference boxes are the locator's find plus
+  18 mm, and a locator that takes some hip bone for femur widens them; with margins of only 10-30 mm the network
+  rarely saw the pubis, ischium and ilium beyond the acetabulum, and labelled them femur (v4 interim, in-vivo).
 
 Both are narrow U-Nets (8 -> 128 features; DESIGN.md §4: the default plan costs ~50 s per iteration here). Why the
 split: bundled model v3 ran its 1 mm network over the whole field of view and invented femurs in empty margins;
@@ -74,7 +76,7 @@ RECIPE_CONFIGURATIONS = {
                             "architecture": _architecture([8, 16, 32, 64, 128])},
 }
 DATASETS = {CONFIGURATION: (DATASET_ID, DATASET_NAME), LOCATOR_CONFIGURATION: (LOCATOR_DATASET_ID, LOCATOR_DATASET)}
-REGION_MARGIN_MM = (10.0, 30.0)
+REGION_MARGIN_MM = (10.0, 60.0)
 
 
 def set_nnunet_paths(work_dir: Path) -> None:
