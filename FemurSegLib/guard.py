@@ -78,7 +78,8 @@ def check_femur(mask: np.ndarray, spacing_zyx: tuple[float, float, float], side:
     field_fraction = voxels / mask.size if mask.size else 0.0
     main_fraction = 1.0
     if voxels:
-        labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+        inside = ndimage.find_objects(mask.astype(np.uint8))[0]  # label the femur's box, not a clinical-size grid
+        labels, count = ndimage.label(mask[inside], structure=np.ones((3, 3, 3), dtype=bool))
         if count > 1:
             main_fraction = float(np.bincount(labels.ravel())[1:].max()) / voxels
     warnings = []
