@@ -362,14 +362,24 @@ def _femur_mask(scene: Any, seg_logic: Any, segmentation_node: Any, segment_id: 
     return mask_array(femur_label(scene, seg_logic, segmentation_node, segment_id, ct_volume_node))
 
 
-def femur_label(scene: Any, seg_logic: Any, segmentation_node: Any, segment_id: str | None, ct_volume_node: Any,
-                value: int = 1) -> sitk.Image:
-    """One segment as a 0 / ``value`` label on the CT's grid; with no segment chosen, every segment of the node
-    together (a bilateral CT's "Femur left" and "Femur right": both are femur, as in the training data)."""
+def femur_segment_ids(segmentation_node: Any, segment_id: str | None) -> list[str]:
+    """The chosen segment; with none chosen, the node's only segment, or its femur segments (SNOMED CT femur)
+    together: a bilateral CT's "Femur left" and "Femur right" are both femur, as in the training data. A node of
+    several segments none of which is a femur needs a choice."""
     segmentation = segmentation_node.GetSegmentation() if segmentation_node is not None else None
     if segment_id is not None or segmentation is None or segmentation.GetNumberOfSegments() < 2:
-        return segment_to_sitk(scene, seg_logic, segmentation_node, segment_id, ct_volume_node, value)
-    ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+        return [_single_segment_id(segmentation_node, segment_id)]
+    femurs = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())
+              if "^71341001^" in segmentation.GetNthSegment(i).GetTerminology()]
+    return femurs or [_single_segment_id(segmentation_node, None)]  # the latter raises: which one is the femur?
+
+
+def femur_label(scene: Any, seg_logic: Any, segmentation_node: Any, segment_id: str | None, ct_volume_node: Any,
+                value: int = 1) -> sitk.Image:
+    """The segments of ``femur_segment_ids`` as one 0 / ``value`` label on the CT's grid."""
+    ids = femur_segment_ids(segmentation_node, segment_id)
+    if len(ids) == 1:
+        return segment_to_sitk(scene, seg_logic, segmentation_node, ids[0], ct_volume_node, value)
     masks = [mask_array(segment_to_sitk(scene, seg_logic, segmentation_node, i, ct_volume_node)) for i in ids]
     return label_image_like(np.logical_or.reduce(masks), sitk_from_volume_node(ct_volume_node), value)
 
@@ -392,8 +402,8 @@ def export_segment(scene: Any, seg_logic: Any, segmentation_node: Any, segment_i
                    ct_volume_node: Any, dataset_dir: str | os.PathLike, case: str, test: bool = False,
                    replace: bool = False, provenance: dict[str, Any] | None = None,
                    force: bool = False) -> dataset.ExportResult:
-    """Export the CT and one (corrected) segment, or with none chosen all of the node's, as an nnU-Net case
-    through dataset.export_case.
+    """Export the CT and one (corrected) segment, or with none chosen the node's femur segments
+    (``femur_segment_ids``), as an nnU-Net case through dataset.export_case.
 
     The label gets dataset.json's femur value through the colour table (by segment name, not order).
     """
@@ -401,8 +411,7 @@ def export_segment(scene: Any, seg_logic: Any, segmentation_node: Any, segment_i
     value = dataset_femur_value(dataset_dir)
     label = femur_label(scene, seg_logic, segmentation_node, segment_id, ct_volume_node, value)
     segmentation = segmentation_node.GetSegmentation()
-    names = [segmentation.GetSegment(segment_id).GetName()] if segment_id else \
-        [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+    names = [segmentation.GetSegment(i).GetName() for i in femur_segment_ids(segmentation_node, segment_id)]
     record = dict(provenance or {})
     record.setdefault("slicer", {"ct_node": ct_volume_node.GetName(), "segmentation_node": segmentation_node.GetName(),
                                  "segments": names})
@@ -413,8 +422,8 @@ def export_segment(scene: Any, seg_logic: Any, segmentation_node: Any, segment_i
 def export_segment_surface(scene: Any, seg_logic: Any, segmentation_node: Any, segment_id: str | None,
                            ct_volume_node: Any, path: str | os.PathLike,
                            options: surface.SurfaceOptions = surface.SurfaceOptions()) -> surface.SurfaceCheck:
-    """One segment's (none chosen: the node's segments together) watertight surface for meshing, made from its
-    voxels exactly as ``femurseg surface`` does.
+    """One segment's (none chosen: the node's femur segments together) watertight surface for meshing, made
+    from its voxels exactly as ``femurseg surface`` does.
 
     Slicer's closed-surface representation is for display (its smoothing and decimation are the viewer's); the
     file is made from the segment's labelmap on the CT grid, so it is the same for the CLI, batch and both GUIs.

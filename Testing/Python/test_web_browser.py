@@ -74,6 +74,14 @@ def test_paths_and_uploads_are_checked(tmp_path):
 
 # --- the page in Chromium --------------------------------------------------------------------------------------
 
+def server_tracebacks(log_path: Path) -> list[str]:
+    """The server log's tracebacks, except wslink's when a page's websocket closed under a message it was sending
+    (a browser session ending; nothing of FemurSeg's)."""
+    blocks = log_path.read_text().split("Traceback (most recent call last):")[1:]
+    return [block for block in blocks
+            if not ("wslink" in block and "closing transport" in block and "FemurSegLib" not in block)]
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -333,7 +341,7 @@ def test_segment_compare_paint_export(web_server, browser, artifacts_dir):
     painted = _label_voxels(label) - _label_voxels(draft)
     assert painted > 20, f"the stroke added {painted} voxels to the label"
     assert sitk.ReadImage(str(image)).GetSize() == sitk.ReadImage(str(label)).GetSize()
-    assert "Traceback" not in log_path.read_text()
+    assert not server_tracebacks(log_path)
 
 
 def test_warm_segment_then_surface_export(web_server, browser):
@@ -379,7 +387,7 @@ def test_warm_segment_then_surface_export(web_server, browser):
     centroid_index = np.argwhere(mask).mean(axis=0)[::-1]
     centroid_lps = np.array(label.TransformContinuousIndexToPhysicalPoint(tuple(float(v) for v in centroid_index)))
     assert np.allclose(solid_centroid, centroid_lps, atol=0.5), "the surface is not where the label is (LPS)"
-    assert "Traceback" not in log_path.read_text()
+    assert not server_tracebacks(log_path)
 
 
 def test_a_ct_without_a_femur_says_so_and_adds_nothing(web_server, browser, tmp_path):
@@ -432,4 +440,4 @@ def test_improve_the_model_then_segment_with_it(web_server, browser):
 
     page.click("fs-segment")
     page.expect(f"(model {DEFAULT_MODEL}-FemurImprove)", timeout_s=120)
-    assert "Traceback" not in log_path.read_text()
+    assert not server_tracebacks(log_path)
