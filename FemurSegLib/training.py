@@ -361,7 +361,7 @@ def write_model_card(model_dir: Path, training: dict, held_out: dict | None) -> 
 
 - **Training data:** {card['training_data']}; {card['held_out_data']}.
 - **Subjects:** training {', '.join(split['training_subjects'])}; held out {', '.join(split['held_out_subjects'])}.
-- **Recipe:** `{card['recipe']}` (2-core CPU, about {training.get('wall_minutes') or '?'} minutes).
+- **Recipe:** `{card['recipe']}`{f" (2-core CPU, {training['wall_minutes']} minutes)" if training.get('wall_minutes') else ""}.
 {"- **How this model was actually trained:** " + training["history"] if training.get("history") else ""}
 - **Weights:** stripped of optimizer state, fp16 (loads with `torch.load(weights_only=True)`).
 - **Limitations:** {card['limitations']}
