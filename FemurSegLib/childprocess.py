@@ -8,7 +8,7 @@ and end with ``femurseg: error: ...`` on stderr when they fail.
 from __future__ import annotations
 
 import json
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 ERROR_PREFIX = "femurseg: error: "
 
@@ -22,6 +22,16 @@ def json_events(lines: Iterable[str]) -> Iterator[dict]:
             continue
         if isinstance(event, dict):
             yield event
+
+
+def apply_progress(state: Any, event: dict) -> None:
+    """The events both children send: ``progress`` (with its ``stage``) and ``message``, into ``state``'s
+    ``progress``, ``stage`` and ``messages``."""
+    if "progress" in event:
+        state.progress = float(event["progress"])
+        state.stage = str(event.get("stage", ""))
+    if "message" in event:
+        state.messages.append(str(event["message"]))
 
 
 def child_error(stderr_lines: list[str], fallback: str) -> str:

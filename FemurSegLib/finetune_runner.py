@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .childprocess import child_error, json_events
+from .childprocess import apply_progress, child_error, json_events
 from .errors import FemurSegError
 from .finetune import ITERATIONS_PER_EPOCH, plan_finetune
 
@@ -84,11 +84,7 @@ class FinetuneProcess:
         assert self._process.stdout is not None
         for event in json_events(self._process.stdout):
             with self._lock:
-                if "progress" in event:
-                    self.state.progress = float(event["progress"])
-                    self.state.stage = str(event.get("stage", ""))
-                if "message" in event:
-                    self.state.messages.append(str(event["message"]))
+                apply_progress(self.state, event)
                 if "done" in event:
                     self.state.model_name = str(event["done"])
                     self.state.model_folder = str(event.get("model", ""))

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
-from .childprocess import child_error, json_events
+from .childprocess import apply_progress, child_error, json_events
 from .errors import FemurSegError
 from .imageio import read_image, write_image
 from .inference import Femur
@@ -60,11 +60,7 @@ class SegmentationJob:
 
     def _apply(self, event: dict) -> None:
         with self.worker._lock:
-            if "progress" in event:
-                self.state.progress = float(event["progress"])
-                self.state.stage = str(event.get("stage", ""))
-            if "message" in event:
-                self.state.messages.append(str(event["message"]))
+            apply_progress(self.state, event)
             if "done" in event:
                 self.state.output = Path(event["done"])
                 self.state.femurs = [Femur(side=str(f["side"]), value=int(f["value"]), volume_ml=float(f["volume_ml"]),
