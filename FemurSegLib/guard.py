@@ -7,7 +7,10 @@ their words beside the result (CLI: ``femurseg: warning: …``; Slicer and brows
 
 Numbers (DESIGN.md §7, Lang 2024): a proximal femur from head to lesser trochanter holds ~110-140 ml, an
 ex-vivo proximal femur cut 120-220 mm below the head ~150-350 ml, a whole femur ~400-700 ml; a femoral head
-alone, at the edge of a field of view, ~25 ml.
+alone, at the edge of a field of view, ~25 ml. A femur is flat: the thinnest of its three principal extents is
+42-62 mm for a proximal femur and 64-78 mm for a whole femur (the 40 real femurs in Resources/Anatomy, measured
+2026-11-24); hip bone labelled with it (in-vivo renders, the bone within 40 mm of each femur: 60-290 ml) takes that
+past 95 mm, while the volume alone stays in a femur's range.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ SPACING_RANGE_MM = (0.1, 5.0)
 FEMUR_VOLUME_ML = (20.0, 900.0)
 MAX_FIELD_FRACTION = 0.5
 MAIN_COMPONENT_FRACTION = 0.9
+MAX_THICKNESS_MM = 90.0
+THICKNESS_SAMPLE = 200_000  # voxel centres enough for extents to ~1 voxel
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,7 @@ class FemurCheck:
     volume_ml: float
     field_fraction: float
     main_component_fraction: float
+    thickness_mm: float
     warnings: tuple[str, ...]
 
 
@@ -70,6 +76,18 @@ def ct_warnings(ct: sitk.Image) -> list[str]:
     return problems
 
 
+def thickness_mm(mask: np.ndarray, spacing_zyx: tuple[float, float, float]) -> float:
+    """The thinnest of the mask's three principal extents (mm): its size across its flattest direction."""
+    points = np.argwhere(mask)
+    if len(points) < 4:
+        return 0.0
+    points = points[:: max(1, len(points) // THICKNESS_SAMPLE)] * np.asarray(spacing_zyx, dtype=float)
+    points -= points.mean(axis=0)
+    _, axes = np.linalg.eigh(np.cov(points.T))  # ascending variance: the first axis is the flattest
+    along = points @ axes[:, 0]
+    return float(along.max() - along.min() + min(spacing_zyx))
+
+
 def check_femur(mask: np.ndarray, spacing_zyx: tuple[float, float, float], side: str = "femur") -> FemurCheck:
     """Volume, share of the field of view and connectedness of one femur's mask, with warnings when implausible."""
     voxel_ml = float(np.prod(spacing_zyx)) / 1000.0
@@ -82,6 +100,7 @@ def check_femur(mask: np.ndarray, spacing_zyx: tuple[float, float, float], side:
         labels, count = ndimage.label(mask[inside], structure=np.ones((3, 3, 3), dtype=bool))
         if count > 1:
             main_fraction = float(np.bincount(labels.ravel())[1:].max()) / voxels
+    thickness = thickness_mm(mask, spacing_zyx)
     warnings = []
     if volume_ml < FEMUR_VOLUME_ML[0]:
         warnings.append(f"{side}: {volume_ml:.1f} ml is less than a femoral head (~{FEMUR_VOLUME_ML[0]:.0f} ml); "
@@ -92,7 +111,11 @@ def check_femur(mask: np.ndarray, spacing_zyx: tuple[float, float, float], side:
     if field_fraction > MAX_FIELD_FRACTION:
         warnings.append(f"{side}: it fills {field_fraction:.0%} of the image; a femur never fills the field of "
                         "view, check the input")
+    if thickness > MAX_THICKNESS_MM:
+        warnings.append(f"{side}: it is {thickness:.0f} mm thick across its flattest direction, more than a femur "
+                        f"(at most ~{MAX_THICKNESS_MM:.0f} mm, head included): neighbouring bone, probably hip bone, "
+                        "was labelled with it; check the result")
     if main_fraction < MAIN_COMPONENT_FRACTION:
         warnings.append(f"{side}: it is in several pieces (the largest holds {main_fraction:.0%}); check the result")
     return FemurCheck(volume_ml=volume_ml, field_fraction=field_fraction, main_component_fraction=main_fraction,
-                      warnings=tuple(warnings))
+                      thickness_mm=thickness, warnings=tuple(warnings))

@@ -67,3 +67,45 @@ def test_implausible_femurs_are_warned_about():
     pieces[5:45, 5:45, 5:45] = True
     pieces[55:95, 55:95, 55:95] = True  # two equal pieces: the largest holds half
     assert any("several pieces (the largest holds 50%)" in w for w in check_femur(pieces, spacing).warnings)
+
+
+def _oriented_box_sizes(mask: np.ndarray, spacing_zyx: tuple[float, float, float]) -> list[float]:
+    """SimpleITK's oriented bounding box of the mask (mm): an independent principal-axes measurement."""
+    image = sitk.GetImageFromArray(mask.astype(np.uint8))
+    image.SetSpacing(tuple(reversed(spacing_zyx)))
+    statistics = sitk.LabelShapeStatisticsImageFilter()
+    statistics.ComputeOrientedBoundingBoxOn()
+    statistics.Execute(image)
+    return sorted(statistics.GetOrientedBoundingBoxSize(1))
+
+
+def test_thickness_is_the_flattest_principal_extent():
+    spacing = (1.0, 0.8, 0.8)
+    z, y, x = np.meshgrid(*(np.arange(n) * s for n, s in zip((160, 200, 200), spacing)), indexing="ij")
+    angle = np.radians(30.0)
+    u = (x - 80) * np.cos(angle) + (y - 80) * np.sin(angle)
+    v = -(x - 80) * np.sin(angle) + (y - 80) * np.cos(angle)
+    slab = (np.abs(u) < 60) & (np.abs(v) < 25) & (np.abs(z - 80) < 40)  # 120 x 50 x 80 mm, turned 30 degrees
+    check = check_femur(slab, spacing)
+    assert check.thickness_mm == pytest.approx(_oriented_box_sizes(slab, spacing)[0], abs=1.0)
+    assert 49.0 <= check.thickness_mm <= 52.0
+    assert not any("thick" in w for w in check.warnings)
+
+
+def test_hip_bone_labelled_with_the_femur_is_warned_about():
+    from scipy import ndimage
+
+    from FemurSegLib.families import generate_case
+
+    ct, truth, _ = generate_case("invivo", 3, held_out=True)
+    hu, femurs = sitk.GetArrayFromImage(ct), sitk.GetArrayFromImage(truth) != 0
+    spacing = tuple(reversed(ct.GetSpacing()))
+    pieces, count = ndimage.label(femurs)
+    femur = pieces == np.bincount(pieces.ravel())[1:].argmax() + 1
+    alone = check_femur(femur, spacing, "left")
+    assert alone.thickness_mm == pytest.approx(_oriented_box_sizes(femur, spacing)[0], abs=1.5)
+    assert alone.warnings == ()
+    near_bone = (hu > 250) & ~femurs & (ndimage.distance_transform_edt(~femur, sampling=spacing) < 40)
+    leaked = check_femur(femur | near_bone, spacing, "left")
+    assert 20.0 <= leaked.volume_ml - alone.volume_ml, "the render should hold hip bone beside the femur"
+    assert any("left: it is" in w and "probably hip bone" in w for w in leaked.warnings), leaked.warnings
