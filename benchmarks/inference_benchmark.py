@@ -125,6 +125,8 @@ def _score(truth_sides: dict, predicted, spacing, sided: bool, nearest_to: dict 
         elif sided:
             guess = predicted == LABEL_VALUES[side]
             side_right = bool(guess.any() and (guess & truth).sum() >= 0.5 * truth.sum())
+        elif nearest_to is None:  # unsided output, one true femur: all of it
+            guess, side_right = predicted != 0, None
         else:  # unsided output: the predicted voxels nearer to this femur than to the other
             guess, side_right = (predicted != 0) & nearest_to[side], None
         try:
