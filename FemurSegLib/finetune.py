@@ -7,7 +7,7 @@ Steps, in a work folder ``<models folder>/.finetune-<name>/`` that survives an i
 
 1. **data**: the dataset's complete cases are checked (3D CT, label on its grid holding 0 and the femur value only)
    and written through the dataset exporter into a work dataset that carries the base model's dataset.json (its
-   channel and label value). A base with a locator (bundled v4) has its 1 mm network trained on the region around
+   channel and label value). A base with a locator (the bundled model) has its 1 mm network trained on the region around
    each femur, so each case is cut the way the recipe cuts (:func:`training.femur_regions`); a single-configuration
    base (v3) takes the cases as they are.
 2. **preprocessing**: nnU-Net's own preprocessor with the base model's plans.json (spacing, patch, CT normalisation

@@ -3,12 +3,14 @@
 The network work is nnU-Net's own (``nnUNetPredictor.predict_single_npy_array``: preprocessing, sliding window,
 resampling back). FemurSeg adds, around it:
 
-- **Locate first** (models with a locator configuration, like bundled v4): the CT is resampled to the locator's
-  3 mm grid (SimpleITK, linear), the locator marks femur voxels, and each large connected piece is one femur.
+- **Locate first** (models with a locator configuration, like the bundled model): the CT is resampled to the
+  locator's 3 mm grid (SimpleITK, linear), the locator marks femur voxels, and each large connected piece is one femur.
   The 1 mm network then runs only on a box around each femur (bounding box + ``ROI_MARGIN_MM``), resampled to
-  1 mm; its probabilities are resampled back to the CT's own voxels and thresholded. So an abdomen, an empty
-  margin or the other hip never reaches the fine network, and a clinical-size CT costs little more than a cropped
-  one. Models without a locator (nnU-Net folders from elsewhere) run on the whole volume as nnU-Net does.
+  1 mm; its probabilities are resampled back to the CT's own voxels and thresholded, and of each femur the
+  largest piece is kept without what hangs on it by a bridge thinner than 6 mm (hip bone across the joint,
+  ``solid_femur``). So an abdomen, an empty margin or the other hip never reaches the fine network, and a
+  clinical-size CT costs little more than a cropped one. Models without a locator (nnU-Net folders from
+  elsewhere) run on the whole volume as nnU-Net does.
 - **Both femurs, with sides**: up to two femurs; with two, the one towards the patient's left (LPS +x) is
   left; a single femur's side comes from its head lying medial to its shaft (in-vivo frame), else it is
   reported as "femur". Label values: ``LABEL_VALUES`` (left 1, right 2).
@@ -51,6 +53,7 @@ LABEL_VALUES = {"left": 1, "right": 2}  # a single femur whose side cannot be to
 ROI_MARGIN_MM = 15.0
 MIN_FEMUR_ML = 15.0  # smaller located pieces are not femurs (a femoral head alone is ~25 ml)
 MIN_FEMUR_MEAN_HU = 100.0  # a piece that is on average water, fat or air inside is not bone (femurs: 250-800 HU)
+BRIDGE_RADIUS_MM = 3.0  # what hangs on a femur by a bridge thinner than twice this is cut off (solid_femur)
 NO_FEMUR = "no femur found"
 
 
@@ -270,6 +273,8 @@ class Segmenter:
         if self.locator is None:
             steps.stage(self.network.calls(array.shape, spacing), 0.05, 0.95)
             femur_masks = self._components(self._predict(self.network, array, spacing, steps) > 0.5, array, spacing)
+            if self.options.keep_largest_component:
+                femur_masks = [solid_femur(mask, spacing) for mask in femur_masks]
         else:
             femur_masks = self._locate_and_segment(oriented, array, spacing, steps)
         if cancel.is_set():
@@ -325,7 +330,7 @@ class Segmenter:
             probability = self._predict(self.network, array[box], spacing, steps)
             femur = probability > 0.5  # as nnU-Net's argmax: a tie is background
             if self.options.keep_largest_component:
-                femur = largest_component(femur)
+                femur = solid_femur(largest_component(femur), spacing)
             full = np.zeros(array.shape, dtype=bool)
             full[box] = femur
             masks.append(full)
@@ -380,6 +385,32 @@ def _is_bone(piece: np.ndarray, array: np.ndarray, spacing: np.ndarray) -> bool:
     water around the sample in a 3x field of view)."""
     return bool(piece.sum() * float(np.prod(spacing)) / 1000.0 >= MIN_FEMUR_ML
                 and float(array[piece].mean()) >= MIN_FEMUR_MEAN_HU)
+
+
+def solid_femur(mask: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+    """``mask`` without what hangs on it by a bridge thinner than 2 x BRIDGE_RADIUS_MM: the voxels within that
+    distance of its largest piece after an erosion by BRIDGE_RADIUS_MM (SimpleITK). A femur is one solid body
+    (its neck is 25-35 mm thick), so this cuts only what is not femur. Measured 2026-11-24: a longer-trained
+    candidate model joined 5-25 ml of hip bone to a femur across the joint on 2 of 17 in-vivo femurs; cut off, its
+    in-vivo Dice went 0.981 -> 0.988 (held-out) and 0.959 -> 0.979 (worst unseen training-subject render), no case
+    lower by more than 0.0004; on bundled v4's held-out benchmark it changes nothing.
+    """
+    boxes = ndimage.find_objects(mask.astype(np.uint8))
+    if not boxes:
+        return mask
+    box = tuple(slice(max(0, b.start - 1), min(n, b.stop + 1)) for b, n in zip(boxes[0], mask.shape))
+    image = sitk.GetImageFromArray(mask[box].astype(np.uint8))
+    image.SetSpacing(tuple(float(s) for s in spacing[::-1]))
+    radius = [max(1, int(round(BRIDGE_RADIUS_MM / s))) for s in spacing[::-1]]
+    core = sitk.RelabelComponent(sitk.ConnectedComponent(sitk.BinaryErode(image, radius, sitk.sitkBall)),
+                                 sortByObjectSize=True) == 1
+    if not np.any(sitk.GetArrayViewFromImage(core)):
+        return mask  # thinner than the erosion everywhere: nothing to tell apart
+    distance = sitk.SignedMaurerDistanceMap(core, insideIsPositive=False, squaredDistance=False, useImageSpacing=True)
+    near = sitk.GetArrayViewFromImage(distance) <= 2.0 * BRIDGE_RADIUS_MM
+    solid = np.zeros_like(mask)
+    solid[box] = largest_component(mask[box] & near)
+    return solid
 
 
 def _resample_to_spacing(image: sitk.Image, spacing_xyz: np.ndarray, interpolator: int, default: float) -> sitk.Image:

@@ -192,3 +192,26 @@ def test_missing_or_unknown_devices_are_refused():
 def test_two_dimensional_input_is_refused(segmenter):
     with pytest.raises(FemurSegError, match="2D"):
         segmenter.segment(sitk.Image(30, 30, sitk.sitkInt16))
+
+
+def test_what_hangs_on_a_femur_by_a_thin_bridge_is_cut_off():
+    """Analytic shapes at 0.8 x 0.8 x 1.2 mm: a 20 mm ball (the femur) with a 10 mm ball 35 mm away, joined by a
+    rod. A 3 mm rod is a bridge (cut off with the small ball); a 14 mm one is part of the body (kept)."""
+    from FemurSegLib.inference import solid_femur
+
+    spacing = np.array([1.2, 0.8, 0.8])
+    z, y, x = np.meshgrid(*(np.arange(n) * s for n, s in zip((60, 120, 90), spacing)), indexing="ij")
+    femur = (z - 36) ** 2 + (y - 30) ** 2 + (x - 36) ** 2 <= 20**2
+    other = (z - 36) ** 2 + (y - 65) ** 2 + (x - 36) ** 2 <= 10**2
+    for rod_radius, cut in ((1.5, True), (7.0, False)):
+        rod = ((z - 36) ** 2 + (x - 36) ** 2 <= rod_radius**2) & (y > 30) & (y < 65)
+        mask = femur | other | rod
+        kept = solid_femur(mask, spacing)
+        assert not np.any(kept & ~mask), "nothing is added"
+        if cut:
+            assert not np.any(kept & other), "the small ball hangs by a 3 mm rod: cut off"
+            assert np.all(kept[femur]), "the femur itself is whole"
+            assert np.count_nonzero(kept & rod & ~femur) * spacing.prod() < 60.0  # at most a 6 mm stub of the rod
+        else:
+            assert np.array_equal(kept, mask), "a 14 mm neck is part of one solid body"
+    assert np.array_equal(solid_femur(femur, spacing), femur)
