@@ -94,13 +94,13 @@ def check_femur(mask: np.ndarray, spacing_zyx: tuple[float, float, float], side:
     voxels = int(mask.sum())
     volume_ml = voxels * voxel_ml
     field_fraction = voxels / mask.size if mask.size else 0.0
-    main_fraction = 1.0
+    main_fraction, thickness = 1.0, 0.0
     if voxels:
-        inside = ndimage.find_objects(mask.astype(np.uint8))[0]  # label the femur's box, not a clinical-size grid
+        inside = ndimage.find_objects(mask.astype(np.uint8))[0]  # measure the femur's box, not a clinical-size grid
         labels, count = ndimage.label(mask[inside], structure=np.ones((3, 3, 3), dtype=bool))
         if count > 1:
             main_fraction = float(np.bincount(labels.ravel())[1:].max()) / voxels
-    thickness = thickness_mm(mask, spacing_zyx)
+        thickness = thickness_mm(mask[inside], spacing_zyx)
     warnings = []
     if volume_ml < FEMUR_VOLUME_ML[0]:
         warnings.append(f"{side}: {volume_ml:.1f} ml is less than a femoral head (~{FEMUR_VOLUME_ML[0]:.0f} ml); "
