@@ -77,6 +77,10 @@ RECIPE_CONFIGURATIONS = {
 }
 DATASETS = {CONFIGURATION: (DATASET_ID, DATASET_NAME), LOCATOR_CONFIGURATION: (LOCATOR_DATASET_ID, LOCATOR_DATASET)}
 REGION_MARGIN_MM = (10.0, 60.0)
+# Legacy phantoms are cut tight around their water box; in training two in three are set in a wider field of
+# view (0-60 mm a side, air or water), as the ex-vivo family is. Without it the network learned to tell the
+# legacy family by its frame: its legacy edge held in water and moved in air (v5 candidate, DESIGN.md §9).
+LEGACY_WIDENING_MM = 60.0
 
 
 def set_nnunet_paths(work_dir: Path) -> None:
@@ -114,6 +118,32 @@ def femur_regions(ct, label, rng) -> list:
     return regions
 
 
+def widen_field_of_view(ct, label, rng) -> tuple:
+    """(CT, label) set in a field of view wider by 0-LEGACY_WIDENING_MM a side, of air or of the CT's own
+    background (its border's median and noise level); one time in three unchanged."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    if rng.random() < 1 / 3:
+        return ct, label
+    array = sitk.GetArrayViewFromImage(ct)
+    border = np.concatenate([array[:, :, :3].ravel(), array[:, :, -3:].ravel()]).astype(np.float32)
+    background = float(np.median(border))
+    noise = 1.4826 * float(np.median(np.abs(border - background)))  # robust: the border cuts through the rods
+    level = -1000.0 if rng.random() < 0.5 else background
+    spacing = np.array(ct.GetSpacing())
+    lower, upper = (np.round(rng.uniform(0, LEGACY_WIDENING_MM, 3) / spacing).astype(int) for _ in range(2))
+    wide = [sitk.ConstantPad(image, lower.tolist(), upper.tolist(), value)
+            for image, value in ((ct, 0.0), (label, 0.0))]
+    padded = sitk.GetArrayFromImage(wide[0]).astype(np.float32)
+    inside = np.zeros(padded.shape, dtype=bool)
+    inside[tuple(slice(lo, lo + n) for lo, n in zip(lower[::-1], array.shape))] = True
+    padded[~inside] = rng.normal(level, noise, int(np.count_nonzero(~inside)))
+    widened = sitk.GetImageFromArray(np.round(padded).astype(np.int16))
+    widened.CopyInformation(wide[0])
+    return widened, wide[1]
+
+
 def write_training_dataset(work_dir: Path, count: int) -> None:
     """Training cases 0..count-1 (seed TRAIN_SEED_START + index), through the dataset exporter: the whole CT into
     the locator's dataset, each femur's region into the 1 mm network's; cases already there are skipped."""
@@ -130,6 +160,8 @@ def write_training_dataset(work_dir: Path, count: int) -> None:
             continue
         started = time.time()
         ct, label, info = generate_case(family, seed)
+        if family == "legacy":
+            ct, label = widen_field_of_view(ct, label, np.random.default_rng([seed, 1]))
         provenance = {"family": family, "seed": seed, "subjects": list(info.subjects), "sides": list(info.sides)}
         export_case(ct, label, work_dir / "raw" / LOCATOR_DATASET, case, replace=True, provenance=provenance,
                     description=description + ", whole fields of view")

@@ -19,12 +19,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from PIL import Image
 from vtkmodules.util import numpy_support
 from vtkmodules.vtkIOGeometry import vtkSTLReader
 
 from FemurSegLib import batch
 from FemurSegLib.inference import Femur
 from FemurSegLib.cli import main
+from FemurSegLib.report import CONTOUR_COLOURS
 
 REPO = Path(__file__).resolve().parents[2]
 COLUMNS = ["case", "side", "status", "volume_ml", "mean_hu", "fill_dice", "truth_dice", "warnings", "error",
@@ -65,8 +67,12 @@ def check_ok_row(row: dict[str, str], out: Path, ct_path: Path, truth_path: Path
         truth = sitk.GetArrayFromImage(sitk.ReadImage(str(truth_path))) != 0
         assert float(row["truth_dice"]) == pytest.approx(numpy_dice(label, truth), abs=1e-4)
         assert float(row["truth_dice"]) > 0.95
-    overlay = (out / row["overlay"]).read_bytes()
-    assert overlay.startswith(b"\x89PNG\r\n\x1a\n") and len(overlay) > 20_000
+    with Image.open(out / row["overlay"]) as png:
+        assert png.format == "PNG"
+        picture = np.asarray(png.convert("RGB"))
+    shown = {name for name, colour in CONTOUR_COLOURS.items()
+             if np.all(picture == tuple(int(colour[i:i + 2], 16) for i in (1, 3, 5)), axis=2).any()}
+    assert shown >= ({"nnU-Net", "truth"} if truth_path is not None else {"nnU-Net"})
     assert float(row["seconds"]) > 0
     return label
 
