@@ -76,6 +76,35 @@ def test_regions_hold_each_whole_femur_with_its_margin() -> None:
                 assert gap * spacing >= low_margin - spacing or at_ct_border  # the field of view ends there
 
 
+def test_widened_legacy_cases_keep_every_voxel_in_place_inside_air_or_their_own_water() -> None:
+    ct, label, _ = generate_case("legacy", 1)
+    array, truth = sitk.GetArrayFromImage(ct), sitk.GetArrayFromImage(label)
+    water = float(np.median(array[:, :, :3]))
+    outcomes = Counter()
+    for seed in range(12):
+        wide_ct, wide_label = training.widen_field_of_view(ct, label, np.random.default_rng(seed))
+        assert wide_ct.GetSpacing() == ct.GetSpacing() and wide_ct.GetDirection() == ct.GetDirection()
+        assert wide_label.GetOrigin() == wide_ct.GetOrigin() and wide_label.GetSize() == wide_ct.GetSize()
+        start = np.array(wide_ct.TransformPhysicalPointToIndex(ct.GetOrigin()))  # the old voxel (0, 0, 0)
+        added = np.array(wide_ct.GetSize()) - np.array(ct.GetSize())
+        assert (start >= 0).all() and (added - start >= 0).all()
+        assert (np.maximum(start, added - start) * np.array(ct.GetSpacing()) <= training.LEGACY_WIDENING_MM + 1).all()
+        inner = tuple(slice(a, a + n) for a, n in zip(start[::-1], array.shape))
+        wide = sitk.GetArrayFromImage(wide_ct)
+        assert np.array_equal(wide[inner], array) and np.array_equal(sitk.GetArrayFromImage(wide_label)[inner], truth)
+        assert sitk.GetArrayViewFromImage(wide_label).sum() == truth.sum(), "no femur in the added margin"
+        margin = np.ones(wide.shape, dtype=bool)
+        margin[inner] = False
+        if not margin.any():
+            outcomes["unchanged"] += 1
+            continue
+        level = float(np.median(wide[margin]))
+        assert abs(level + 1000) < 5 or abs(level - water) < 5, level
+        assert 5 < float(np.std(wide[margin])) < 60, "noise like the phantom's own"
+        outcomes["air" if level < -500 else "water"] += 1
+    assert set(outcomes) == {"unchanged", "air", "water"}
+
+
 @pytest.mark.parametrize("arguments, problem", [
     (["--fine-epochs", "200", "120"], "--fine-epochs 200 120 must increase"),
     (["--cases", "1"], "at least 2 training cases"),
