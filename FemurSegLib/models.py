@@ -34,7 +34,7 @@ from .dataset import DATASET_FOLDER, femur_label
 from .errors import FemurSegError
 
 BUNDLED_MODELS_DIR = Path(__file__).resolve().parent.parent / "Resources" / "Models"
-DEFAULT_MODEL = "FemurReal3dSmall-v4"
+DEFAULT_MODEL = "FemurReal3dSmall-v6"
 MAX_ZIP_BYTES = 4 * 1024**3
 TRUST_FILE = ".femurseg-trust.json"
 # plans.json names classes that nnU-Net imports and calls with plans.json's arguments; only these packages may be named.

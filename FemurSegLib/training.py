@@ -1,7 +1,7 @@
 """The recipe that trains FemurSeg's bundled model, with nnU-Net's own planner, preprocessing and trainer.
 
-Model v4 is two nnU-Net configurations, trained on the phantom families of families.py (legacy SDF phantoms,
-ex-vivo real shapes, in-vivo hip CTs), training subjects only:
+Model v6 (v4's locator, its 1 mm network trained on) is two nnU-Net configurations, trained on the phantom families
+of families.py (legacy SDF phantoms, ex-vivo real shapes, in-vivo hip CTs), training subjects only:
 
 - ``3d_locator`` on ``LOCATOR_DATASET`` (whole fields of view): 3 mm voxels, 64^3 patches (19 cm of context):
   finds the femur(s) in a whole CT cheaply (a 512 x 512 x 300 CT is ~120 x 120 x 80 voxels at 3 mm);
@@ -40,7 +40,7 @@ DATASET_NAME = f"Dataset{DATASET_ID}_FemurRegion"
 CONFIGURATION = "3d_femurseg"
 LOCATOR_CONFIGURATION = "3d_locator"
 MODEL_NAME = "FemurReal3dSmall"
-MODEL_VERSION = "4"
+MODEL_VERSION = "6"
 # Share of each family among the training cases (in-vivo cases are the largest, so fewer of them).
 FAMILY_MIX = (("exvivo", 9), ("invivo", 7), ("legacy", 4))
 
