@@ -389,11 +389,11 @@ def _is_bone(piece: np.ndarray, array: np.ndarray, spacing: np.ndarray) -> bool:
 
 def solid_femur(mask: np.ndarray, spacing: np.ndarray) -> np.ndarray:
     """The largest piece of ``mask`` without what hangs on it by a bridge thinner than 2 x BRIDGE_RADIUS_MM: the
-    voxels within that distance of its largest piece after an erosion by BRIDGE_RADIUS_MM (SimpleITK). A femur is one solid body
-    (its neck is 25-35 mm thick), so this cuts only what is not femur. Measured 2026-11-24: a longer-trained
+    voxels within that distance of its largest piece after an erosion by BRIDGE_RADIUS_MM (SimpleITK). A femur is
+    one solid body (its neck is 25-35 mm thick), so this cuts only what is not femur. Measured 2026-11-24: a longer-trained
     candidate model joined 5-25 ml of hip bone to a femur across the joint on one of 9 held-out in-vivo femurs and
     in one of 8 unseen training-subject renders; cut off, its in-vivo Dice went 0.981 -> 0.988 (held-out) and
-    0.959 -> 0.979 (that render), no case lower by more than 0.0004; on bundled v4's held-out benchmark it changes
+    0.959 -> 0.979 (that render), no case lower by more than 0.0004; on model v4's held-out benchmark it changes
     nothing.
     """
     boxes = ndimage.find_objects(mask.astype(np.uint8))

@@ -57,8 +57,7 @@ def _sheet(panels: list[tuple[np.ndarray, str]], columns: int, title: str | None
 
     gap = 8
     font = _font()
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    width = max(max(picture.shape[1], int(measure.textlength(caption, font=font))) for picture, caption in panels)
+    width = max(max(picture.shape[1], int(font.getlength(caption))) for picture, caption in panels)
     height = max(picture.shape[0] for picture, _ in panels) + TEXT_HEIGHT
     rows = (len(panels) + columns - 1) // columns
     top = TEXT_HEIGHT if title else 0
@@ -72,13 +71,11 @@ def _sheet(panels: list[tuple[np.ndarray, str]], columns: int, title: str | None
         y = top + (number // columns) * (height + gap)
         draw.text((x, y + 3), caption, fill="white", font=font)
         sheet.paste(Image.fromarray(picture), (x, y + TEXT_HEIGHT))
-    x = gap
+    x, y = gap, sheet.height - TEXT_HEIGHT + 3
     for name in legend:
-        colour = CONTOUR_COLOURS.get(name, OTHER_COLOUR)
-        y = sheet.height - TEXT_HEIGHT + 3
-        draw.line((x, y + 8, x + 20, y + 8), fill=colour, width=3)
+        draw.line((x, y + 8, x + 20, y + 8), fill=CONTOUR_COLOURS.get(name, OTHER_COLOUR), width=3)
         draw.text((x + 26, y), name, fill="white", font=font)
-        x += 40 + int(draw.textlength(name, font=font))
+        x += 40 + int(font.getlength(name))
     return sheet
 
 

@@ -135,8 +135,7 @@ def widen_field_of_view(ct, label, rng) -> tuple:
     level = -1000.0 if rng.random() < 0.5 else background
     spacing = np.array(ct.GetSpacing())
     lower, upper = (np.round(rng.uniform(0, LEGACY_WIDENING_MM, 3) / spacing).astype(int) for _ in range(2))
-    wide = [sitk.ConstantPad(image, lower.tolist(), upper.tolist(), value)
-            for image, value in ((ct, 0.0), (label, 0.0))]
+    wide = [sitk.ConstantPad(image, lower.tolist(), upper.tolist(), 0) for image in (ct, label)]
     padded = sitk.GetArrayFromImage(wide[0]).astype(np.float32)
     inside = np.zeros(padded.shape, dtype=bool)
     inside[tuple(slice(lo, lo + n) for lo, n in zip(lower[::-1], array.shape))] = True
