@@ -48,6 +48,7 @@ from .dataset import (DATASET_FOLDER, STAGING_PREFIX, dataset_cases, dataset_jso
 from .errors import FemurSegError
 from .imageio import mask_array, read_ct, read_label, require_same_grid, write_bytes_atomic
 from .models import ModelInfo, check_new_model_name, resolve_model, user_models_dir
+from .precision import bfloat16_forward
 
 ProgressCallback = Callable[[float, str], None]
 
@@ -513,6 +514,8 @@ def _train(job: FinetuneJob, state: dict, save: Callable[[], None], device, dead
         trainer.save_every = 1
         trainer.num_epochs = 10**6  # the loop below decides when to stop
         trainer.initialize()
+        # bfloat16 on a CPU that has it natively: about twice the iterations in a time budget
+        state["precision"] = "bfloat16" if bfloat16_forward(trainer.network, device) else "float32"
         if latest.is_file():
             trainer.load_checkpoint(str(latest))  # our own training output
             notify(f"Continuing training at epoch {trainer.current_epoch + 1}.")
@@ -639,6 +642,7 @@ def _write_card(job: FinetuneJob, staged: Path, state: dict, after: dict, epochs
             "iterations": int(state.get("iterations_done", 0)),
             "learning_rate": FINETUNE_LR,
             "device": str(getattr(device, "type", device)),
+            "precision": state.get("precision", "float32"),  # of the network's forward pass in training
             "minutes": round(seconds / 60.0, 1),  # interrupted runs included
             "runs": state["runs"],  # more than 1: resumed after an interruption
             "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -17,7 +17,8 @@ resampling back). FemurSeg adds, around it:
 - **Plausibility** (guard.py): the CT is checked before (does it look like HU?) and each femur after (volume,
   pieces, share of the field of view); the words come back as ``SegmentationResult.warnings``, and "no femur
   found" when there is none. Never a silent litre-sized "femur".
-- **Fewest tiles** (default): nnU-Net's sliding window at ``tile_step_size=1.0`` without mirroring.
+- **Fewest tiles** (default): nnU-Net's sliding window at ``tile_step_size=1.0`` without mirroring, in bfloat16 on
+  a CPU that computes it natively (precision.py; ``bfloat16=False`` keeps float32).
 - **Progress and cancel**: a forward pre-hook on every convolution reports progress and raises
   :class:`InferenceCancelled` as soon as the cancel event is set.
 - **Geometry**: the CT is reoriented to LPS for the networks; the label is returned on the input's exact grid.
@@ -44,6 +45,7 @@ from .errors import FemurSegError
 from .fill import largest_component
 from .guard import check_femur, ct_warnings
 from .imageio import check_ct
+from .precision import bfloat16_forward
 
 ProgressCallback = Callable[[float, str], None]
 
@@ -68,6 +70,7 @@ class InferenceOptions:
     folds: tuple[str, ...] | None = None
     tile_step_size: float = 1.0
     whole_volume_tile: bool = False
+    bfloat16: bool = True  # on a CPU with native bfloat16 (precision.py); False: float32 everywhere
     keep_largest_component: bool = True
     side: str = "both"
 
@@ -166,6 +169,7 @@ class _Network:
             self.predictor.initialize_from_trained_model_folder(str(trained_folder), use_folds=tuple(folds),
                                                                 checkpoint_name=checkpoint_name)
         self.spacing = np.array(self.predictor.configuration_manager.spacing, dtype=float)  # (z, y, x)
+        bfloat16_forward(self.predictor.network, device, options.bfloat16)
         self.conv_modules = [m for m in self.predictor.network.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
         self.convs_per_pass = self._count_convolutions_per_pass()
 
@@ -248,7 +252,8 @@ class Segmenter:
                                 self.model.femur_label, options, self.device)
         self.locator = None
         if self.model.locator_folder is not None:
-            locator_options = InferenceOptions(device=options.device, fast=True, tile_step_size=1.0)
+            locator_options = InferenceOptions(device=options.device, fast=True, tile_step_size=1.0,
+                                               bfloat16=options.bfloat16)
             self.locator = _Network(self.model.locator_folder, ("all",), self.model.checkpoint_name,
                                     self.model.femur_label, locator_options, self.device)
 

@@ -23,7 +23,8 @@ History: v3 (legacy phantoms only, one 1 mm network over the whole volume) reach
 but 0.000 on real shapes ex-vivo (DESIGN.md §7). Training seeds start at ``TRAIN_SEED_START``; held-out
 subjects (Resources/Anatomy) and seeds 1-999 of every family are never used here. The checkpoints are trained by
 the plain ``nnUNetTrainer`` class (only epoch and iteration counts are set on the instance), so any nnU-Net v2
-installation can load them.
+installation can load them. On a CPU with native bfloat16 the network's forward pass trains in it (precision.py,
+about twice the steps per hour); v4-v6 were trained in float32, before that.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ import json
 import os
 import time
 from pathlib import Path
+
+from .precision import bfloat16_forward
 
 TRAIN_SEED_START = 1000
 LOCATOR_DATASET_ID = 501
@@ -228,6 +231,8 @@ def train(work_dir: Path, configuration: str, epochs: int, iterations_per_epoch:
     trainer.num_val_iterations_per_epoch = 4
     trainer.initial_lr = initial_lr
     trainer.save_every = 1
+    trainer.initialize()
+    bfloat16_forward(trainer.network, trainer.device)  # on a CPU that has it natively: ~2x faster steps
     if resume is not None:
         trainer.load_checkpoint(str(resume))
     trainer.run_training()

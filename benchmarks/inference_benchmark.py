@@ -5,7 +5,8 @@ held-out subjects (Resources/Anatomy, ``held_out=True``), seeds 1..N. Each engin
 so load time, cold start and peak RSS are its own:
 
 - femurseg: ``inference.Segmenter`` defaults (locator, then the 1 mm network on each femur's region; no mirroring,
-  tile step 1.0, largest component per femur; sides);
+  tile step 1.0, largest component per femur; sides; bfloat16 on a CPU with native bfloat16);
+- femurseg-fp32 (``--fp32``): the same in float32, to show what bfloat16 changes;
 - stock: ``nnUNetPredictor()`` defaults (mirroring, tile step 0.5) with the 1 mm network over the whole CT, as a
   plain nnU-Net user would run it; no sides, so each of its femur voxels is credited to the nearer true femur.
 
@@ -14,7 +15,7 @@ right. Fill (Pahr & Zysset re-implementation) is scored the same way. ``--clinic
 CT (a held-out render resampled to 512 x 512 x 300 at 0.7 x 0.7 x 0.7 mm): seconds and peak RSS of FemurSeg.
 
     python benchmarks/inference_benchmark.py [--cases 5] [--families legacy exvivo invivo] [--stock FAMILY ...]
-                                             [--clinical] [--json OUT]
+                                             [--fp32] [--clinical] [--json OUT]
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-ENGINES = ("femurseg", "stock")
+ENGINES = ("femurseg", "femurseg-fp32", "stock")
 FAMILIES = ("legacy", "exvivo", "invivo")
 sys.path.insert(0, str(REPO))
 
@@ -46,8 +47,9 @@ def worker(engine: str, cases: list[str], out_dir: Path, model_name: str | None)
     from FemurSegLib.models import resolve_model
 
     model = resolve_model(model_name)
-    if engine == "femurseg":
-        segmenter = Segmenter(model.root, InferenceOptions(device="cpu"), notify=lambda message: None)
+    if engine.startswith("femurseg"):
+        options = InferenceOptions(device="cpu", bfloat16=engine == "femurseg")
+        segmenter = Segmenter(model.root, options, notify=lambda message: None)
 
         def predict(ct):
             return segmenter.segment(ct)
@@ -176,6 +178,8 @@ def main() -> None:
     parser.add_argument("--stock", nargs="*", choices=FAMILIES, default=list(FAMILIES),
                         help="families to run stock nnU-Net on (mirrored whole-volume inference of an in-vivo CT takes "
                              "minutes per case on 2 cores)")
+    parser.add_argument("--fp32", action="store_true",
+                        help="add FemurSeg in float32 (by default it runs in bfloat16 on a CPU with native bfloat16)")
     parser.add_argument("--clinical", action="store_true", help="add the 512 x 512 x 300 in-vivo case (FemurSeg)")
     parser.add_argument("--model", help="model name or folder (default: the bundled model)")
     parser.add_argument("--json", type=Path, help="write every figure as JSON")
@@ -209,6 +213,8 @@ def main() -> None:
         cases = list(infos)
         stock_cases = [case for case in cases if infos[case]["family"] in args.stock]
         runs = {"femurseg": run_engine("femurseg", cases, out_dir, args.model)}
+        if args.fp32:
+            runs["femurseg-fp32"] = run_engine("femurseg-fp32", cases, out_dir, args.model)
         if stock_cases:
             runs["stock"] = run_engine("stock", stock_cases, out_dir, args.model)
         if args.clinical:
@@ -226,12 +232,12 @@ def main() -> None:
             predictions["fill"] = sitk.GetArrayFromImage(compute_fill(ct))
             family = results["families"].setdefault(info["family"], {name: [] for name in (*ENGINES, "fill")})
             for name, predicted in predictions.items():
-                for row in _score(truth_sides, predicted, spacing, sided=name == "femurseg", nearest_to=nearest):
+                for row in _score(truth_sides, predicted, spacing, sided=name.startswith("femurseg"), nearest_to=nearest):
                     family[name].append({"case": case, "seconds": runs.get(name, {}).get("times_s", {}).get(case),
                                          **row})
 
     print(f"held-out cases, seeds 1-{args.cases} per family, CPU threads {os.cpu_count()}")
-    print(f"{'family':8s} {'method':10s}{'femurs':>7s}{'Dice':>8s}{'min':>8s}{'ASD mm':>8s}{'HD95 mm':>9s}"
+    print(f"{'family':8s} {'method':14s}{'femurs':>7s}{'Dice':>8s}{'min':>8s}{'ASD mm':>8s}{'HD95 mm':>9s}"
           f"{'side ok':>9s}{'s/case':>8s}")
     summary = {}
     for family, methods in results["families"].items():
@@ -247,7 +253,7 @@ def main() -> None:
                                      "hd95_mm": float(np.nanmean([r["hd95_mm"] for r in rows]))}
             side_text = f"{sum(sided)}/{len(sided)}" if sided else "-"
             seconds_text = f"{np.median(seconds):8.1f}" if seconds else f"{'-':>8s}"
-            print(f"{family:8s} {name:10s}{len(rows):7d}{np.mean(dices):8.4f}{np.min(dices):8.4f}"
+            print(f"{family:8s} {name:14s}{len(rows):7d}{np.mean(dices):8.4f}{np.min(dices):8.4f}"
                   f"{summary[family][name]['asd_mm']:8.3f}{summary[family][name]['hd95_mm']:9.2f}{side_text:>9s}"
                   f"{seconds_text}")
         wins = sum(f["dice"] > g["dice"] for f, g in zip(methods["femurseg"], methods["fill"]))

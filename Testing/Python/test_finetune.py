@@ -125,6 +125,9 @@ def test_command_line_loop_from_a_two_configuration_base(tmp_path, models_dir, c
     assert card["finetune"]["training_cases"] == list(TRAIN) and card["finetune"]["validation_cases"] == [TEST]
     assert card["finetune"]["cropped_to_femur_regions"] and card["finetune"]["epochs"] == card["finetune"][
         "iterations"] == 1
+    from FemurSegLib.precision import native_bfloat16
+
+    assert card["finetune"]["precision"] == ("bfloat16" if native_bfloat16() else "float32")
     import torch
 
     new = torch.load(model.trained_folder / "fold_all" / "checkpoint_final.pth", weights_only=True)
@@ -162,13 +165,13 @@ def test_slicer_loop_with_cancel_and_resume(tmp_path, models_dir, cases):
         scene.export_segment(app.scene, app.segmentations_logic, corrected, None, nodes[name], dataset, name,
                              test=name == TEST)
 
-    process = FinetuneProcess(dataset, name="Slicer", epochs=2, iterations=1, device="cpu")
+    process = FinetuneProcess(dataset, name="Slicer", epochs=4, iterations=1, device="cpu")
     deadline = time.monotonic() + 300
     while not any(m.startswith("Epoch 1 done") for m in process.poll().messages) and not process.state.finished:
         assert time.monotonic() < deadline, "no epoch finished in 300 s"
         time.sleep(0.1)
     with pytest.raises(FemurSegError, match="is being fine-tuned by another process"):  # a second Start
-        finetune(plan_finetune(dataset, name="Slicer", epochs=2, iterations=1), device="cpu", notify=print)
+        finetune(plan_finetune(dataset, name="Slicer", epochs=4, iterations=1), device="cpu", notify=print)
     assert (models_dir / ".finetune-Slicer.lock").is_file(), "the refused run left the running one's lock alone"
     process.cancel()  # what the panels' Cancel does
     state = process.wait_for_completion(timeout_s=60)
@@ -176,13 +179,13 @@ def test_slicer_loop_with_cancel_and_resume(tmp_path, models_dir, cases):
     assert "Slicer" not in [m.name for m in list_models()]
     assert sorted(p.name for p in models_dir.iterdir()) == [".finetune-Slicer", ".finetune-Slicer.lock"]
 
-    state = FinetuneProcess(dataset, name="Slicer", epochs=2, iterations=1, device="cpu").wait_for_completion(300)
+    state = FinetuneProcess(dataset, name="Slicer", epochs=4, iterations=1, device="cpu").wait_for_completion(300)
     assert "Resuming the interrupted fine-tuning of 'Slicer'." in state.messages
-    assert "Continuing training at epoch 2." in state.messages, state.messages
+    assert any(m.startswith("Continuing training at epoch ") for m in state.messages), state.messages
     assert state.model_name == "Slicer" and state.model_folder == str(models_dir / "Slicer")
     model = next(m for m in list_models() if m.name == "Slicer")
     assert (model.card["finetune"]["runs"], model.card["finetune"]["epochs"], model.card["finetune"]["iterations"]) \
-        == (2, 2, 2), "the second run trained only the epoch the first one did not finish"
+        == (2, 4, 4), "the second run trained only the epochs the first one did not finish"
     base_has_locator = resolve_model(None).locator_folder is not None
     assert model.card["finetune"]["cropped_to_femur_regions"] == base_has_locator
     assert model.card["finetune"]["training_cases"] == list(TRAIN)
