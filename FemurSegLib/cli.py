@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from .errors import FemurSegError
@@ -226,8 +228,6 @@ def _cmd_surface(args: argparse.Namespace) -> None:
 
 
 def _cmd_batch(args: argparse.Namespace) -> None:
-    import signal
-
     from .batch import BatchSettings, parse_shard, run_batch, text_progress
 
     settings = BatchSettings(model=args.model, device=args.device, fill=args.fill,
@@ -413,6 +413,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        # Ctrl-C and the GUIs' Cancel (SIGINT) stop long work cleanly even in a process started with SIGINT ignored,
+        # as a non-interactive shell starts its background jobs
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         args.func(args)
     except FemurSegError as error:

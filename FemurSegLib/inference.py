@@ -17,6 +17,8 @@ resampling back). FemurSeg adds, around it:
 - **Plausibility** (guard.py): the CT is checked before (does it look like HU?) and each femur after (volume,
   pieces, share of the field of view); the words come back as ``SegmentationResult.warnings``, and "no femur
   found" when there is none. Never a silent litre-sized "femur".
+- **Edges from the CT**: of each femur's outermost voxel layer, what is darker than the local half maximum between
+  cortex and surroundings is trimmed off (edges.py); ``half_maximum_edges=False`` keeps the network's edge.
 - **Fewest tiles** (default): nnU-Net's sliding window at ``tile_step_size=1.0`` without mirroring, in bfloat16 on
   a CPU that computes it natively (precision.py; ``bfloat16=False`` keeps float32).
 - **Progress and cancel**: a forward pre-hook on every convolution reports progress and raises
@@ -41,6 +43,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from .edges import trim_to_half_maximum
 from .errors import FemurSegError
 from .fill import largest_component
 from .guard import check_femur, ct_warnings
@@ -71,6 +74,7 @@ class InferenceOptions:
     tile_step_size: float = 1.0
     whole_volume_tile: bool = False
     bfloat16: bool = True  # on a CPU with native bfloat16 (precision.py); False: float32 everywhere
+    half_maximum_edges: bool = True  # trim the outer voxel layer by the CT's half maximum (edges.py)
     keep_largest_component: bool = True
     side: str = "both"
 
@@ -282,6 +286,8 @@ class Segmenter:
                 femur_masks = [solid_femur(mask, spacing) for mask in femur_masks]
         else:
             femur_masks = self._locate_and_segment(oriented, array, spacing, steps)
+        if self.options.half_maximum_edges:
+            femur_masks = [trim_to_half_maximum(mask, array, spacing) for mask in femur_masks]
         if cancel.is_set():
             raise InferenceCancelled()
         report(0.96, "checking")

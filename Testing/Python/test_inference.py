@@ -89,12 +89,12 @@ def _stock_prediction(model, ct: sitk.Image, tile_step_size: float, patch_size: 
 
 
 def test_default_engine_equals_nnunets_own_predictor(one_network, sample):
-    """The network stage (fewest tiles, no mirroring, float32 as nnU-Net computes on a CPU) is exactly nnU-Net's
-    predictor at step 1.0 plus the largest component."""
+    """The network stage (fewest tiles, no mirroring, float32 as nnU-Net computes on a CPU, the network's own edge)
+    is exactly nnU-Net's predictor at step 1.0 plus the largest component."""
     ct, _ = sample
     model = resolve_model(str(one_network))
     assert model.locator_folder is None
-    label = Segmenter(one_network, InferenceOptions(device="cpu", bfloat16=False),
+    label = Segmenter(one_network, InferenceOptions(device="cpu", bfloat16=False, half_maximum_edges=False),
                       notify=lambda message: None).segment(ct)
     # FemurSeg keeps up to two femur-sized pieces (a bilateral CT); the femur is the largest in both.
     femur = largest_component(sitk.GetArrayFromImage(label) != 0)
@@ -113,8 +113,8 @@ def test_whole_volume_tile_is_one_nnunet_patch_over_the_padded_volume(one_networ
     total stride), so the sliding window makes a single step."""
     ct, _ = sample
     model = resolve_model(str(one_network))
-    whole = Segmenter(one_network, InferenceOptions(device="cpu", whole_volume_tile=True, bfloat16=False),
-                      notify=lambda m: None)
+    whole = Segmenter(one_network, InferenceOptions(device="cpu", whole_volume_tile=True, bfloat16=False,
+                                                    half_maximum_edges=False), notify=lambda m: None)
     padded = [int(np.ceil(n / 16) * 16) for n in sitk.GetArrayViewFromImage(ct).shape]
     expected = _stock_prediction(model, ct, tile_step_size=0.5, patch_size=padded)
     assert np.array_equal(largest_component(sitk.GetArrayFromImage(whole.segment(ct)) != 0), expected)
@@ -172,6 +172,22 @@ def test_bfloat16_forward_returns_float32_outputs_close_to_float32():
     for g, e in zip(got, expected):
         assert not torch.equal(g, e) and torch.allclose(g, e, atol=0.05, rtol=0.02)
     assert list(network.state_dict()) == keys
+
+
+def test_half_maximum_trim_only_removes_face_exposed_voxels_and_helps_on_the_sample(model, sample, sample_result):
+    """The default label is the network's (``half_maximum_edges=False``) less some of its outermost voxels, and it
+    is at least as close to the sample's exact truth."""
+    from scipy import ndimage
+
+    ct, truth = sample
+    untrimmed = Segmenter(model.root, InferenceOptions(device="cpu", half_maximum_edges=False),
+                          notify=lambda m: None).segment(ct)
+    network_mask = sitk.GetArrayFromImage(untrimmed) != 0
+    trimmed_mask = sitk.GetArrayFromImage(sample_result[0]) != 0
+    removed = network_mask & ~trimmed_mask
+    assert not (trimmed_mask & ~network_mask).any() and removed.any()
+    assert not (removed & ndimage.binary_erosion(network_mask)).any(), "only the outer layer is judged"
+    assert compare_images(truth, sample_result[0]).dice >= compare_images(truth, untrimmed).dice
 
 
 @pytest.mark.parametrize("step", [0.0, -0.5, 1.5])
