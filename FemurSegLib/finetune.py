@@ -16,7 +16,8 @@ Steps, in a work folder ``<models folder>/.finetune-<name>/`` that survives an i
    or when it has none the last ``HOLD_OUT_FRACTION`` of imagesTr, held out from training.
 4. **training**: nnU-Net's plain ``nnUNetTrainer`` (fold "all") from the base network's whole state dict (all
    layers, output layers included: nnU-Net's ``load_pretrained_weights`` would re-initialise those), a fresh
-   optimizer, poly learning rate from ``FINETUNE_LR`` over the planned iterations, a checkpoint every epoch. With
+   optimizer, poly learning rate from ``FINETUNE_LR`` over the planned iterations, a checkpoint every epoch; the
+   forward pass in bfloat16 on a CPU that has it natively (precision.py: about twice the iterations). With
    ``minutes`` the budget is the whole job's: the iteration count (and so the learning-rate schedule) is fitted to
    the time left, and training stops between iterations when the time is up, leaving room for the after-validation.
 5. **after and install**: a stripped fp16 checkpoint (:func:`training.strip_checkpoint`), the locator copied
