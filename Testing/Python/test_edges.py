@@ -8,12 +8,9 @@ import pytest
 import SimpleITK as sitk
 
 from FemurSegLib.edges import trim_to_half_maximum
+from FemurSegLib.metrics import dice
 
 SPACING = (1.0, 1.0, 1.0)
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2.0 * float((a & b).sum()) / float(a.sum() + b.sum())
 
 
 def blurred(values: np.ndarray) -> np.ndarray:
