@@ -5,7 +5,8 @@ Families (``FAMILIES``):
 - ``legacy``: the SDF-built ex-vivo phantom of phantom.py (shaft along image x, 1 mm, water), kept as one option.
 - ``exvivo``: a real femur surface (Resources/Anatomy) cut 120-220 mm below the head top, the distal end potted,
   calibration rods beside it, in air or water, 0.5-1.5 mm voxels, the shaft along any image axis or direction,
-  field of view from tight to 3x the specimen.
+  field of view from tight to 3x the specimen. ``scan`` renders the same specimen on a scanner's fixed grid
+  instead (the fine-tuning benchmark's new site).
 - ``invivo``: a clinical hip CT: both femurs of one subject (or a mirrored pair) in their acetabula (joint space
   1.5-4 mm), both hip bones (the one hemipelvis mirrored for the other side, scaled to the heads), soft tissue
   with fat, muscle, skin, bowel gas and the table; 0.6-1 mm in-plane, 0.6-3 mm slices, shaft along z; field of
@@ -48,8 +49,13 @@ class CaseInfo:
     details: dict = field(default_factory=dict)
 
 
-def generate_case(family: str, seed: int, held_out: bool = False) -> tuple[sitk.Image, sitk.Image, CaseInfo]:
-    """(CT int16 HU, uint8 femur label, CaseInfo) for ``family`` and ``seed``; the same inputs give the same case."""
+def generate_case(family: str, seed: int, held_out: bool = False,
+                  scan: tuple[float, float] | None = None) -> tuple[sitk.Image, sitk.Image, CaseInfo]:
+    """(CT int16 HU, uint8 femur label, CaseInfo) for ``family`` and ``seed``; the same inputs give the same case.
+
+    ``scan`` (ex-vivo only): a scanner's (in-plane, slice) spacing in mm, the slices across the specimen's shaft,
+    instead of the drawn grid; the same specimen, pose and look as without it, rendered on that grid, so the label
+    stays exact there (the field of view is narrowed if the grid would exceed MAX_VOXELS)."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {', '.join(FAMILIES)}")
     if family == "legacy":
@@ -60,8 +66,11 @@ def generate_case(family: str, seed: int, held_out: bool = False) -> tuple[sitk.
     femurs = load_shapes("femur", held_out=held_out)
     if not femurs:
         raise ValueError(f"no {'held-out' if held_out else 'training'} femur shapes in Resources/Anatomy")
-    render = _render_exvivo if family == "exvivo" else _render_invivo
-    return render(rng, seed, femurs, held_out)
+    if family == "exvivo":
+        return _render_exvivo(rng, seed, femurs, held_out, scan)
+    if scan is not None:
+        raise ValueError("a scan profile applies to the ex-vivo family only")
+    return _render_invivo(rng, seed, femurs, held_out)
 
 
 # --- femur geometry -------------------------------------------------------------------------------------------
@@ -252,6 +261,23 @@ def _grid_around(low: np.ndarray, high: np.ndarray, spacing: np.ndarray, directi
     return Grid(origin=origin, spacing=spacing, direction=direction, size=tuple(int(v) for v in size))
 
 
+def _corners(low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """The 8 corners of the box [low, high]."""
+    return np.array([[x, y, z] for x in (low[0], high[0]) for y in (low[1], high[1]) for z in (low[2], high[2])])
+
+
+def _fit_field_of_view(tight_low: np.ndarray, tight_high: np.ndarray, low: np.ndarray, high: np.ndarray,
+                       pose: np.ndarray, spacing: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The box [low, high] drawn towards the specimen's own box until its grid (rotated by ``pose``) holds at most
+    MAX_VOXELS at ``spacing``: a fixed scan grid narrows the field of view instead of coarsening the voxels."""
+    for share in np.linspace(1.0, 0.0, 11):
+        box_low, box_high = tight_low + share * (low - tight_low), tight_high + share * (high - tight_high)
+        corners = _corners(box_low, box_high) @ pose.T
+        if np.prod((corners.max(0) - corners.min(0)) / spacing) <= MAX_VOXELS:
+            break
+    return box_low, box_high
+
+
 def _fit_voxels(extent: np.ndarray, spacing: np.ndarray) -> np.ndarray:
     """Coarsen ``spacing`` uniformly until the grid holds at most MAX_VOXELS."""
     voxels = float(np.prod(extent / spacing))
@@ -260,7 +286,8 @@ def _fit_voxels(extent: np.ndarray, spacing: np.ndarray) -> np.ndarray:
 
 # --- ex-vivo ----------------------------------------------------------------------------------------------------
 
-def _render_exvivo(rng: np.random.Generator, seed: int, femurs: list[AnatomyShape], held_out: bool):
+def _render_exvivo(rng: np.random.Generator, seed: int, femurs: list[AnatomyShape], held_out: bool,
+                   scan: tuple[float, float] | None):
     shape = _vary(femurs[rng.integers(len(femurs))], rng)
     scale = rng.uniform(0.88, 1.12) * rng.uniform(0.95, 1.05, size=3)
     femur = place_femur(shape, mirror=bool(rng.random() < 0.5), scale=scale, rotation=specimen_rotation(shape))
@@ -291,9 +318,12 @@ def _render_exvivo(rng: np.random.Generator, seed: int, femurs: list[AnatomyShap
     pose = _random_rotation(rng, 180.0) if rng.random() < 0.2 else _axis_pose(rng) @ _random_rotation(rng, 25.0)
     in_plane = float(rng.uniform(0.5, 1.0))
     spacing = np.array([in_plane, in_plane, float(rng.uniform(0.5, 1.5))])
+    if scan is not None:  # the slice axis is the image axis closest to the shaft
+        spacing = np.full(3, float(scan[0]))
+        spacing[int(np.argmax(np.abs(pose[:, 2])))] = float(scan[1])
+        box_low, box_high = _fit_field_of_view(low - 3.0, high + 3.0, box_low, box_high, pose, spacing)
     # The image grid is axis-aligned in its own frame; the specimen frame is rotated into it by ``pose``.
-    corners = np.array([[x, y, z] for x in (box_low[0], box_high[0]) for y in (box_low[1], box_high[1])
-                        for z in (box_low[2], box_high[2])]) @ pose.T
+    corners = _corners(box_low, box_high) @ pose.T
     spacing = _fit_voxels(corners.max(0) - corners.min(0), spacing)
     grid = _grid_around(corners.min(0), corners.max(0), spacing, np.eye(3))
     grid = Grid(origin=grid.origin + rng.uniform(-150, 150, size=3).round(1), spacing=grid.spacing,

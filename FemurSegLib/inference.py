@@ -6,11 +6,11 @@ resampling back). FemurSeg adds, around it:
 - **Locate first** (models with a locator configuration, like the bundled model): the CT is resampled to the
   locator's 3 mm grid (SimpleITK, linear), the locator marks femur voxels, and each large connected piece is one femur.
   The 1 mm network then runs only on a box around each femur (bounding box + ``ROI_MARGIN_MM``), resampled to
-  1 mm; its probabilities are resampled back to the CT's own voxels and thresholded, and of each femur the
-  largest piece is kept without what hangs on it by a bridge thinner than 6 mm (hip bone across the joint,
-  ``solid_femur``). So an abdomen, an empty margin or the other hip never reaches the fine network, and a
-  clinical-size CT costs little more than a cropped one. Models without a locator (nnU-Net folders from
-  elsewhere) run on the whole volume as nnU-Net does.
+  1 mm by cubic B-spline (nnU-Net resampled its training images with third-order splines); its probabilities
+  are resampled back to the CT's own voxels and thresholded, and of each femur the largest piece is kept without
+  what hangs on it by a bridge thinner than 6 mm (hip bone across the joint, ``solid_femur``). So an abdomen, an
+  empty margin or the other hip never reaches the fine network, and a clinical-size CT costs little more than a
+  cropped one. Models without a locator (nnU-Net folders from elsewhere) run on the whole volume as nnU-Net does.
 - **Both femurs, with sides**: up to two femurs; with two, the one towards the patient's left (LPS +x) is
   left; a single femur's side comes from its head lying medial to its shaft (in-vivo frame), else it is
   reported as "femur". Label values: ``LABEL_VALUES`` (left 1, right 2).
@@ -18,7 +18,8 @@ resampling back). FemurSeg adds, around it:
   pieces, share of the field of view); the words come back as ``SegmentationResult.warnings``, and "no femur
   found" when there is none. Never a silent litre-sized "femur".
 - **Edges from the CT**: of each femur's outermost voxel layer, what is darker than the local half maximum between
-  cortex and surroundings is trimmed off (edges.py); ``half_maximum_edges=False`` keeps the network's edge.
+  cortex and surroundings is removed, and where the bone stands in air, what is brighter just outside it is added
+  (edges.py); ``half_maximum_edges=False`` keeps the network's edge.
 - **Fewest tiles** (default): nnU-Net's sliding window at ``tile_step_size=1.0`` without mirroring, in bfloat16 on
   a CPU that computes it natively (precision.py; ``bfloat16=False`` keeps float32).
 - **Progress and cancel**: a forward pre-hook on every convolution reports progress and raises
@@ -43,7 +44,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from .edges import trim_to_half_maximum
+from .edges import fit_edges_to_half_maximum
 from .errors import FemurSegError
 from .fill import largest_component
 from .guard import check_femur, ct_warnings
@@ -74,7 +75,7 @@ class InferenceOptions:
     tile_step_size: float = 1.0
     whole_volume_tile: bool = False
     bfloat16: bool = True  # on a CPU with native bfloat16 (precision.py); False: float32 everywhere
-    half_maximum_edges: bool = True  # trim the outer voxel layer by the CT's half maximum (edges.py)
+    half_maximum_edges: bool = True  # fit the outer voxel layer to the CT's half maximum (edges.py)
     keep_largest_component: bool = True
     side: str = "both"
 
@@ -287,7 +288,7 @@ class Segmenter:
         else:
             femur_masks = self._locate_and_segment(oriented, array, spacing, steps)
         if self.options.half_maximum_edges:
-            femur_masks = [trim_to_half_maximum(mask, array, spacing) for mask in femur_masks]
+            femur_masks = [fit_edges_to_half_maximum(mask, array, spacing) for mask in femur_masks]
         if cancel.is_set():
             raise InferenceCancelled()
         report(0.96, "checking")
@@ -307,12 +308,14 @@ class Segmenter:
     # --- steps ------------------------------------------------------------------------------------------------
 
     def _predict(self, network: _Network, array: np.ndarray, spacing: np.ndarray, steps: "_Steps") -> np.ndarray:
-        """Probability on ``array``'s grid; the array is first resampled to the network's spacing by SimpleITK."""
+        """Probability on ``array``'s grid. The array is resampled to the network's spacing by SimpleITK's cubic
+        B-spline, as nnU-Net's preprocessing resampled the training images (third order); the probability comes back
+        linearly, as nnU-Net's does."""
         if np.allclose(spacing, network.spacing, rtol=0.02) or self.options.whole_volume_tile:
             return network.probability(array, spacing, steps.on_conv)
         image = sitk.GetImageFromArray(array)
         image.SetSpacing(tuple(float(s) for s in spacing[::-1]))
-        resampled = _resample_to_spacing(image, network.spacing[::-1], sitk.sitkLinear, -1000.0)
+        resampled = _resample_to_spacing(image, network.spacing[::-1], sitk.sitkBSpline, -1000.0)
         probability = network.probability(sitk.GetArrayViewFromImage(resampled), network.spacing, steps.on_conv)
         back = sitk.GetImageFromArray(probability)
         back.CopyInformation(resampled)

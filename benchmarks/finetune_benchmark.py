@@ -5,7 +5,8 @@ The new site is a scanner profile no model was trained on, applied to ex-vivo CT
 
 - protocol: the specimen stands upright in its holder (shaft along the scanner's z axis, head up; cases whose
   shaft lies more than 30 degrees off an image axis are skipped), field of view cut to the specimen plus 15-40 mm;
-- grid: 0.6 x 0.6 mm in-plane, 1.5 mm slices (CT resampled linearly, the exact label by nearest neighbour);
+- grid: 0.6 x 0.6 mm in-plane, 1.5 mm slices across the shaft: the case is rendered on that grid
+  (``generate_case(..., scan=(0.6, 1.5))``), so its label is exact there;
 - bone-like potting: a resin as dense as cortical bone (700-1000 HU) grips the distal 30 mm of the shaft;
 - calibration: the site's numbers are HU' = 1.12 HU + 45 (water reads +45);
 - noise: white noise of 60 HU on top of the rendering's own.
@@ -50,12 +51,15 @@ TEST_SEED_START = 1
 
 def new_site(ct: sitk.Image, label: sitk.Image, pose: np.ndarray,
              rng: np.random.Generator) -> tuple[sitk.Image, sitk.Image] | None:
-    """The site's profile applied to an ex-vivo case (see the module docstring); None when the specimen would not
-    stand upright in the site's holder (its shaft over MAX_TILT_DEGREES off every image axis)."""
+    """The site's profile applied to an ex-vivo case rendered on the site's grid (see the module docstring); None
+    when the specimen would not stand upright in the site's holder (its shaft over MAX_TILT_DEGREES off every image
+    axis)."""
     shaft = np.asarray(pose)[:, 2]  # the specimen's shaft (distal -> proximal) in the image axes
     axis = int(np.argmax(np.abs(shaft)))
     if abs(shaft[axis]) < np.cos(np.deg2rad(MAX_TILT_DEGREES)):
         return None
+    if not np.allclose(sorted(ct.GetSpacing()), sorted(SPACING)):
+        return None  # too large for the site's grid even at the tightest field of view (families.MAX_VOXELS)
     order = [a for a in range(3) if a != axis] + [axis]  # the shaft axis becomes the slice axis, head up
     images = []
     for image in (ct, label):
@@ -74,10 +78,6 @@ def new_site(ct: sitk.Image, label: sitk.Image, pose: np.ndarray,
     stop = np.minimum(high + margin[1], mask.shape)
     ct, label = (sitk.RegionOfInterest(image, [int(v) for v in (stop - start)[::-1]], [int(v) for v in start[::-1]])
                  for image in (ct, label))
-    size = [int(round(n * s / t)) for n, s, t in zip(ct.GetSize(), ct.GetSpacing(), SPACING)]
-    ct = sitk.Resample(ct, size, sitk.Transform(), sitk.sitkLinear, ct.GetOrigin(), SPACING, ct.GetDirection(),
-                       -1000.0, sitk.sitkFloat32)
-    label = sitk.Resample(label, ct, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     hu, femur = sitk.GetArrayFromImage(ct), sitk.GetArrayFromImage(label) != 0
     hu = _pot(hu, femur, rng)
     hu = CALIBRATION[0] * hu + CALIBRATION[1] + rng.normal(0.0, NOISE_HU, hu.shape)
@@ -112,7 +112,7 @@ def make_cases(count: int, held_out: bool, seed_start: int, folder: Path) -> dic
     folder.mkdir(parents=True, exist_ok=True)
     cases, seed = {}, seed_start
     while len(cases) < count:
-        ct, label, info = generate_case("exvivo", seed, held_out=held_out)
+        ct, label, info = generate_case("exvivo", seed, held_out=held_out, scan=(SPACING[0], SPACING[2]))
         site = new_site(ct, label, np.array(info.details["pose"]), np.random.default_rng([seed, int(held_out)]))
         if site is not None:
             name = f"{'heldout' if held_out else 'site'}{seed:04d}"

@@ -123,3 +123,24 @@ def test_shape_model_warp_keeps_a_real_surface_with_zero_coefficients_and_varies
     assert 1.0 < np.mean(moved) < 15.0, "a plausible deformation: millimetres, not centimetres"
     assert 0.7 < volume_ml(warped.vertices, shape.triangles) / volume_ml(shape.vertices, shape.triangles) < 1.3
     assert 18.0 < warped.landmarks["head_radius"] < 32.0
+
+
+def test_a_scan_profile_renders_the_same_specimen_on_the_scanners_grid():
+    """``scan=(in-plane, slice)``: the drawn specimen, on a grid with the slices across its shaft; the exact label
+    holds the same femur volume as the drawn grid's (both voxelise one surface)."""
+    drawn_ct, drawn_label, drawn = generate_case("exvivo", 4)
+    ct, label, info = generate_case("exvivo", 4, scan=(0.6, 1.5))
+    assert (info.subjects, info.sides, info.details["pose"]) == (drawn.subjects, drawn.sides, drawn.details["pose"])
+    femur = sitk.GetArrayViewFromImage(label) != 0
+    shaft_xyz = np.array(info.details["pose"])[:, 2]  # the specimen's shaft in the image axes
+    spacing_xyz = np.array(ct.GetSpacing())
+    assert spacing_xyz[int(np.argmax(np.abs(shaft_xyz)))] == pytest.approx(1.5)
+    assert sorted(spacing_xyz) == pytest.approx([0.6, 0.6, 1.5])
+
+    def volume_ml(image, mask) -> float:
+        return float(mask.sum() * np.prod(image.GetSpacing()) / 1000)
+
+    drawn_femur = sitk.GetArrayViewFromImage(drawn_label) != 0
+    assert volume_ml(ct, femur) == pytest.approx(volume_ml(drawn_ct, drawn_femur), rel=0.02)
+    with pytest.raises(ValueError, match="ex-vivo"):
+        generate_case("invivo", 4, scan=(0.6, 1.5))

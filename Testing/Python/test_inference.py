@@ -174,9 +174,9 @@ def test_bfloat16_forward_returns_float32_outputs_close_to_float32():
     assert list(network.state_dict()) == keys
 
 
-def test_half_maximum_trim_only_removes_face_exposed_voxels_and_helps_on_the_sample(model, sample, sample_result):
-    """The default label is the network's (``half_maximum_edges=False``) less some of its outermost voxels, and it
-    is at least as close to the sample's exact truth."""
+def test_half_maximum_edges_in_water_only_remove_face_exposed_voxels_and_help(model, sample, sample_result):
+    """The sample stands in water, so the default label is the network's (``half_maximum_edges=False``) less some of
+    its outermost voxels (edges.py adds only in air), and it is at least as close to the sample's exact truth."""
     from scipy import ndimage
 
     ct, truth = sample
