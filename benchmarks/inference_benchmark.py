@@ -5,8 +5,8 @@ held-out subjects (Resources/Anatomy, ``held_out=True``), seeds 1..N. Each engin
 so load time, cold start and peak RSS are its own:
 
 - femurseg: ``inference.Segmenter`` defaults (locator, then the 1 mm network on each femur's region; no mirroring,
-  tile step 1.0, largest component per femur, half-maximum edge trim; sides; bfloat16 on a CPU with native
-  bfloat16);
+  tile step 1.0, B-spline to the 1 mm grid, largest component per femur, half-maximum edges (edges.py); sides;
+  bfloat16 on a CPU with native bfloat16);
 - femurseg-fp32 (``--fp32``): the same in float32, to show what bfloat16 changes;
 - stock: ``nnUNetPredictor()`` defaults (mirroring, tile step 0.5) with the 1 mm network over the whole CT, as a
   plain nnU-Net user would run it; no sides, so each of its femur voxels is credited to the nearer true femur.
@@ -233,7 +233,8 @@ def main() -> None:
             predictions["fill"] = sitk.GetArrayFromImage(compute_fill(ct))
             family = results["families"].setdefault(info["family"], {name: [] for name in (*ENGINES, "fill")})
             for name, predicted in predictions.items():
-                for row in _score(truth_sides, predicted, spacing, sided=name.startswith("femurseg"), nearest_to=nearest):
+                sided = name.startswith("femurseg")
+                for row in _score(truth_sides, predicted, spacing, sided=sided, nearest_to=nearest):
                     family[name].append({"case": case, "seconds": runs.get(name, {}).get("times_s", {}).get(case),
                                          **row})
 
