@@ -367,7 +367,8 @@ class FemurSegTest(ScriptedLoadableModuleTest):
     def test_PhantomFlow(self) -> None:
         import numpy as np
         import SimpleITK as sitk
-        from FemurSegLib import metrics, phantom, scene
+        from FemurSegLib import metrics, scene
+        from FemurSegLib.synthetic import phantom
 
         self.assertEqual(FemurSegLogic.missingModules(), [], "install FemurSeg's Python packages first")
         logic = FemurSegLogic()

@@ -41,7 +41,7 @@ def _port(text: str) -> int:
 
 
 def _cmd_phantom(args: argparse.Namespace) -> None:
-    from .families import generate_case
+    from .synthetic.cases import generate_case
     from .imageio import check_output_path, write_image
 
     check_output_path(args.out_ct, what="Output CT")

@@ -74,7 +74,7 @@ def run_demo(out_dir: Path, device: str = "auto") -> dict[str, dict[str, float]]
     overlay_masks = {name: mask for name, mask in masks.items() if name != "threshold"}
     overlay_png(ct, overlay_masks, out_dir / "overlay.png", compare)
 
-    from .phantom import generate_phantom
+    from .synthetic.phantom import generate_phantom
 
     cases = []
     for seed in MONTAGE_SEEDS:

@@ -1,7 +1,7 @@
 """The recipe that trains FemurSeg's bundled model, with nnU-Net's own planner, preprocessing and trainer.
 
 Model v6 is two nnU-Net configurations (v4's locator and v4's 1 mm network trained further: its model card says how),
-trained on the phantom families of families.py (legacy SDF phantoms, ex-vivo real shapes, in-vivo hip CTs),
+trained on the phantom families of synthetic/ (cases.py) (legacy SDF phantoms, ex-vivo real shapes, in-vivo hip CTs),
 training subjects only:
 
 - ``3d_locator`` on ``LOCATOR_DATASET`` (whole fields of view): 3 mm voxels, 64^3 patches (19 cm of context):
@@ -154,9 +154,9 @@ def write_training_dataset(work_dir: Path, count: int) -> None:
     import numpy as np
 
     from .dataset import export_case
-    from .families import generate_case
+    from .synthetic.cases import generate_case
 
-    description = "FemurSeg synthetic femur CTs (FemurSegLib.families), training subjects only"
+    description = "FemurSeg synthetic femur CTs (FemurSegLib.synthetic.cases), training subjects only"
     for index in range(count):
         family, seed = case_family(index), TRAIN_SEED_START + index
         case = f"{family}{seed}"
@@ -376,7 +376,7 @@ def write_model_card(model_dir: Path, training: dict, held_out: dict | None) -> 
                      f"(3 mm locator) and {CONFIGURATION} (1 mm)",
         "locator": LOCATOR_CONFIGURATION,
         "configuration": CONFIGURATION,
-        "training_data": f"{training.get('cases')} synthetic CTs (FemurSegLib.families, mix {training.get('family_mix')}),"
+        "training_data": f"{training.get('cases')} synthetic CTs (FemurSegLib.synthetic.cases, mix {training.get('family_mix')}),"
                          f" seeds {TRAIN_SEED_START}-{TRAIN_SEED_START + int(training.get('cases') or 0) - 1}, "
                          "real femur and hip bone surfaces of the training subjects (Resources/Anatomy)",
         "subject_split": split,

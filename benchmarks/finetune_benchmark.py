@@ -107,7 +107,7 @@ def _pot(hu: np.ndarray, femur: np.ndarray, rng: np.random.Generator) -> np.ndar
 
 def make_cases(count: int, held_out: bool, seed_start: int, folder: Path) -> dict[str, tuple[Path, Path]]:
     """``count`` new-site cases written to ``folder`` as (CT, label) files, by name."""
-    from FemurSegLib.families import generate_case
+    from FemurSegLib.synthetic.cases import generate_case
 
     folder.mkdir(parents=True, exist_ok=True)
     cases, seed = {}, seed_start

@@ -158,7 +158,7 @@ def clinical_case(out_dir: Path) -> str:
     import numpy as np
     import SimpleITK as sitk
 
-    from FemurSegLib.families import generate_case
+    from FemurSegLib.synthetic.cases import generate_case
 
     ct, _, info = generate_case("invivo", 1, held_out=True)
     hips = np.array(list(info.details["hips_lps"].values()))
@@ -196,7 +196,7 @@ def main() -> None:
     import numpy as np
     import SimpleITK as sitk
 
-    from FemurSegLib.families import generate_case
+    from FemurSegLib.synthetic.cases import generate_case
     from FemurSegLib.fill import compute_fill
 
     results: dict = {"families": {}, "runs": {}}

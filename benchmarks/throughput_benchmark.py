@@ -53,7 +53,7 @@ def femurseg(*args: str) -> list[str]:
 def cohort(cases: int) -> dict:
     import SimpleITK as sitk
 
-    from FemurSegLib.phantom import generate_phantom
+    from FemurSegLib.synthetic.phantom import generate_phantom
 
     with tempfile.TemporaryDirectory() as temporary:
         folder = Path(temporary)

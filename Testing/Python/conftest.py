@@ -17,7 +17,7 @@ ARTIFACTS = REPO / "Testing" / "artifacts"
 
 @functools.lru_cache(maxsize=8)
 def phantom(seed: int):
-    from FemurSegLib.phantom import generate_phantom
+    from FemurSegLib.synthetic.phantom import generate_phantom
 
     return generate_phantom(seed)
 

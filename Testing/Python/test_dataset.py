@@ -112,7 +112,7 @@ def seed_dataset(tmp_path: Path) -> Path:
 
 def test_export_sequence_passes_nnunet_verification_and_round_trips_exactly(tmp_path: Path,
                                                                             seed_dataset: Path) -> None:
-    from FemurSegLib.phantom import generate_phantom  # here, so that the exporter subprocesses do not import scipy
+    from FemurSegLib.synthetic.phantom import generate_phantom  # here, so that the exporter subprocesses do not import scipy
 
     dataset = tmp_path / "nnUNet_raw" / "Dataset102_FemurNew"
     phantom_ct, phantom_label, _ = generate_phantom(3)

@@ -9,8 +9,8 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from FemurSegLib.anatomy import load_shapes
-from FemurSegLib.families import generate_case
-from FemurSegLib.render import Grid, voxelise
+from FemurSegLib.synthetic.cases import generate_case
+from FemurSegLib.synthetic.render import Grid, voxelise
 
 
 def _sphere(radius: float, resolution: int = 180) -> tuple[np.ndarray, np.ndarray]:
@@ -105,7 +105,7 @@ def test_invivo_has_two_femurs_along_z_beside_the_pelvis():
 
 def test_shape_model_warp_keeps_a_real_surface_with_zero_coefficients_and_varies_it_otherwise():
     from FemurSegLib.anatomy import to_polydata
-    from FemurSegLib.families import warp_by_shape_model
+    from FemurSegLib.synthetic.femurs import warp_by_shape_model
     from vtkmodules.vtkFiltersCore import vtkMassProperties
 
     def volume_ml(vertices, triangles) -> float:

@@ -31,7 +31,7 @@ from FemurSegLib.dataset import export_case
 from FemurSegLib.errors import FemurSegError
 from FemurSegLib.finetune import _training_pieces, finetune, plan_finetune
 from FemurSegLib.models import list_models, resolve_model, validate_model_folder
-from FemurSegLib.phantom import generate_phantom
+from FemurSegLib.synthetic.phantom import generate_phantom
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN, TEST = ("p1001", "p1002"), "p7"

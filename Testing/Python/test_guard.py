@@ -95,7 +95,7 @@ def test_thickness_is_the_flattest_principal_extent():
 def test_hip_bone_labelled_with_the_femur_is_warned_about():
     from scipy import ndimage
 
-    from FemurSegLib.families import generate_case
+    from FemurSegLib.synthetic.cases import generate_case
 
     ct, truth, _ = generate_case("invivo", 3, held_out=True)
     hu, femurs = sitk.GetArrayFromImage(ct), sitk.GetArrayFromImage(truth) != 0

@@ -14,7 +14,7 @@ SEEDS = (1, 2, 3, 4)
 
 
 def test_same_seed_same_volume_and_seeds_differ(phantom_factory):
-    from FemurSegLib.phantom import generate_phantom
+    from FemurSegLib.synthetic.phantom import generate_phantom
 
     ct_again, label_again, _ = generate_phantom(1)
     ct, label, _ = phantom_factory(1)

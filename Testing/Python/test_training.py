@@ -15,7 +15,7 @@ import pytest
 import SimpleITK as sitk
 
 from FemurSegLib import training
-from FemurSegLib.families import generate_case
+from FemurSegLib.synthetic.cases import generate_case
 from FemurSegLib.models import resolve_model
 
 

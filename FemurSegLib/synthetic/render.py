@@ -17,7 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from .anatomy import to_polydata
+from ..anatomy import to_polydata
 
 
 @dataclass(frozen=True)
