@@ -25,7 +25,9 @@ if TYPE_CHECKING:
 ANATOMY_DIR: Path = Path(__file__).resolve().parent.parent / "Resources" / "Anatomy"
 SHAPES_FILE = "anatomy_shapes.npz"
 SHAPE_MODEL_FILE = "femur_shape_model.npz"
-KINDS = ("femur", "hemipelvis")
+CONTEXT_FILE = "anatomy_context.npz"  # context bones: never labelled, all training
+CONTEXT_KINDS = ("sacrum", "vertebra", "tibia", "fibula", "patella")
+KINDS = ("femur", "hemipelvis", *CONTEXT_KINDS)
 
 
 @dataclass(frozen=True)
@@ -36,15 +38,20 @@ class AnatomyShape:
     proximal: the proximal shaft, 75-160 mm below the head centre; estimated by registration on short specimens),
     ``shaft_point`` (on the axis), ``head_top``, ``distal_end`` (on the axis, level of the most distal point),
     ``length_mm``, ``head_offset_mm``, usually ``lesser_trochanter``, and ``midshaft_axis`` on whole femurs.
-    Hemipelvis: ``acetabulum_centre``, ``acetabulum_radius``. Arrays are read-only: loaded shapes are shared.
+    Hemipelvis: ``acetabulum_centre``, ``acetabulum_radius``. Context bones (``CONTEXT_KINDS``, from
+    ``anatomy_context.npz``; side "midline" for sacrum and vertebrae) all have ``centroid``, ``bbox_min``,
+    ``bbox_max``, ``extent_mm``; vertebrae also ``level``, ``body_centre``, ``body_width_mm``, ``body_height_mm``,
+    ``body_depth_mm``; tibiae ``plateau_centre``, ``shaft_axis`` (distal to proximal), ``shaft_point``,
+    ``distal_end``, ``length_mm``; fibulae ``head_centre``, ``proximal_end``, ``shaft_axis``, ``shaft_point``,
+    ``length_mm``. Arrays are read-only: loaded shapes are shared.
     """
 
     name: str
     subject: str
     source: str
     licence: str
-    kind: str  # "femur" | "hemipelvis"
-    side: str  # "left" | "right" (the patient's side)
+    kind: str  # one of KINDS
+    side: str  # "left" | "right" (the patient's side) | "midline" (sacrum, vertebrae)
     extent: str  # "proximal" | "whole" ("" for a hemipelvis)
     held_out: bool
     vertices: np.ndarray  # (N, 3) float64, mm
@@ -80,7 +87,11 @@ def _read_only(array: np.ndarray) -> np.ndarray:
 
 @lru_cache(maxsize=1)
 def _all_shapes() -> tuple[AnatomyShape, ...]:
-    path = ANATOMY_DIR / SHAPES_FILE
+    return _read_shapes(SHAPES_FILE) + _read_shapes(CONTEXT_FILE)
+
+
+def _read_shapes(filename: str) -> tuple[AnatomyShape, ...]:
+    path = ANATOMY_DIR / filename
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: Resources/Anatomy ships with FemurSeg")
     with np.load(path, allow_pickle=False) as data:
@@ -101,7 +112,8 @@ def _all_shapes() -> tuple[AnatomyShape, ...]:
 
 
 def load_shapes(kind: str | None = None, held_out: bool | None = None) -> list[AnatomyShape]:
-    """The stored shapes in file order (hemipelves: left first), filtered by ``kind`` and ``held_out`` (None: all).
+    """The stored shapes in file order (hemipelves: left first; vertebrae: L5 up to L1, then T12), filtered by
+    ``kind`` and ``held_out`` (None: all, context bones included).
 
     Loaded once per process; the returned list is new, its shapes are shared and read-only."""
     if kind is not None and kind not in KINDS:

@@ -33,7 +33,10 @@ What it does to every surface (why: compact, watertight, in mm, ready for voxeli
    (libhip STL headers say SPACE=LPS: a left femur's head lies towards -x) and, on femurs long enough, from
    anatomy alone (the lesser trochanter is posterior); fails if the label disagrees with either.
 
-Outputs: anatomy_shapes.npz, femur_shape_model.npz (see README.md for the layout); with verification on, it then
+Outputs: anatomy_shapes.npz, femur_shape_model.npz (see README.md for the layout); with ``--opensim
+/path/to/opensim-org/opensim-models`` also anatomy_context.npz (context bones: the gias3 sacrum and OpenSim
+CC BY 3.0 vertebrae, tibiae, fibulae, patella; ``--context-only`` writes just that, needing only --gias3 and
+--opensim); with verification on, it then
 loads them through FemurSegLib.anatomy, voxelises two shapes at 1 mm and prints the tables quoted in README.md.
 """
 
@@ -307,6 +310,23 @@ def drop_non_manifold(polydata):
     unique, inverse, counts = np.unique(edges, axis=0, return_inverse=True, return_counts=True)
     bad_edge = counts[inverse.ravel()] > 2
     bad_face = bad_edge.reshape(3, -1).any(axis=0)
+    if not bad_face.any():
+        return polydata, 0
+    return clean(to_polydata(vertices, triangles[~bad_face])), int(bad_face.sum())
+
+
+def drop_bad_edge_faces(polydata, rings: int) -> tuple:
+    """Remove the faces that touch a vertex of a non-manifold or mis-oriented edge, grown by ``rings`` rings of
+    neighbouring faces (the holes left are filled afterwards)."""
+    vertices, triangles = to_arrays(polydata)
+    directed = np.concatenate([triangles[:, [0, 1]], triangles[:, [1, 2]], triangles[:, [2, 0]]])
+    _, inverse, counts = np.unique(np.sort(directed, axis=1), axis=0, return_inverse=True, return_counts=True)
+    _, directed_inverse, directed_counts = np.unique(directed, axis=0, return_inverse=True, return_counts=True)
+    bad = (counts[inverse.ravel()] > 2) | (directed_counts[directed_inverse.ravel()] > 1)
+    bad_vertices = np.unique(directed[bad].ravel())
+    for _ in range(rings):
+        bad_vertices = np.unique(triangles[np.isin(triangles, bad_vertices).any(axis=1)].ravel())
+    bad_face = np.isin(triangles, bad_vertices).any(axis=1)
     if not bad_face.any():
         return polydata, 0
     return clean(to_polydata(vertices, triangles[~bad_face])), int(bad_face.sum())
@@ -783,13 +803,19 @@ def quantise(vertices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q.astype(np.int16), origin.astype(np.float64)
 
 
-def process(raw, target: int, label: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict]:
-    """Clean, repair, decimate and quantise one surface; returns (vertices_q, origin, triangles, dequantised, log)."""
+def process(raw, target: int, label: str, bad_edge_rings: int | None = None) -> tuple[np.ndarray, np.ndarray,
+                                                                                   np.ndarray, np.ndarray, dict]:
+    """Clean, repair, decimate and quantise one surface; returns (vertices_q, origin, triangles, dequantised, log).
+    ``bad_edge_rings``: drop the faces around non-manifold and mis-oriented edges, grown by that many rings of
+    neighbours, instead of only the faces on non-manifold edges (the gias3 sacrum needs 1)."""
     _, source_triangles = to_arrays(clean(raw))
     log: dict = {"source_vertices": int(raw.GetNumberOfPoints()), "source_triangles": int(raw.GetNumberOfCells()),
                  "source_edges": edge_report(source_triangles)}
     surface = clean(raw)
-    surface, dropped = drop_non_manifold(surface)
+    if bad_edge_rings is None:
+        surface, dropped = drop_non_manifold(surface)
+    else:
+        surface, dropped = drop_bad_edge_faces(surface, bad_edge_rings)
     log["faces_dropped_on_non_manifold_edges"] = dropped
     if edge_report(to_arrays(surface)[1])["boundary"]:
         surface, loops, added = fill_holes(surface)
@@ -1079,6 +1105,248 @@ def write_outputs(shapes: list[Shape], model: dict[str, np.ndarray], out: Path) 
     return meta
 
 
+# --- context bones (anatomy_context.npz) -----------------------------------------------------------------------
+# Bones that real pelvis / abdomen / leg CTs hold besides the femurs and hemipelves. They are never labelled, so
+# all count as training (held_out False). Each keeps its source frame (mm); see README.md for the frames.
+
+OPENSIM = {"repo": "https://github.com/opensim-org/opensim-models", "licence": "CC-BY-3.0",
+           "licence_file": "LICENSE-CC-BY-3.0.txt", "attribution": "OpenSim models (opensim-org/opensim-models): "
+           "Delp S.L., Loan J.P., Hoy M.G., Zajac F.E., Topp E.L., Rosen J.M., Thelen D.G., Anderson F.C., Seth A. "
+           "(gait2392 / gait2354 / gait10dof18musc) and Reinbolt J.A. (leg6dof9musc); geometry after Delp et al. "
+           "(1990)"}
+OPENSIM_HEAD = "20a888b9655e73fb84963d6e03eee3752cf6074b"  # 2024-12-09 (the Geometry files used last changed in
+# bbe7309a, 2024-11-01: normals removed). The repository has no LICENSE file: each .osim model states its own
+# licence in <credits>; only files referenced by a model that says "License: Creative Commons (CCBY 3.0)" are used.
+OPENSIM_LICENSED_BY = {
+    "Geometry/hat_spine.vtp": "Models/Gait2392_Simbody/gait2392_thelen2003muscle.osim",
+    "Geometry/tibia_r.vtp": "Models/Gait2392_Simbody/gait2392_thelen2003muscle.osim",
+    "Geometry/tibia_l.vtp": "Models/Gait2392_Simbody/gait2392_thelen2003muscle.osim",
+    "Geometry/fibula.vtp": "Models/Gait2392_Simbody/gait2392_thelen2003muscle.osim",
+    "Geometry/l_fibula.vtp": "Models/Gait2392_Simbody/gait2392_thelen2003muscle.osim",
+    "Geometry/pat.vtp": "Models/Leg6Dof9Musc/leg6dof9musc.osim",
+}
+OPENSIM_FRAME = "OpenSim body frame of {body} (y superior, x anterior, z right), converted from metres to mm"
+OPENSIM_SPINE_LEVELS = ["L5", "L4", "L3", "L2", "L1", "T12"]  # hat_spine.vtp's closed vertebrae, lowest first
+CONTEXT_TRIANGLES = 5000
+CONTEXT_FORMAT = "FemurSeg anatomy context shapes v1"
+
+
+def read_vtp(data: bytes):
+    vtk = _vtk()
+    with tempfile.NamedTemporaryFile(suffix=".vtp") as handle:
+        handle.write(data)
+        handle.flush()
+        reader = vtk.vtkXMLPolyDataReader()
+        reader.SetFileName(handle.name)
+        reader.Update()
+        polydata = vtk.vtkPolyData()
+        polydata.DeepCopy(reader.GetOutput())
+    if polydata.GetNumberOfCells() == 0:
+        raise SystemExit("a VTP source has no polygons")
+    return polydata
+
+
+def opensim_licence_check(opensim: Path, path: str) -> str:
+    """The model that licenses ``path``: it must reference the file and state CC BY 3.0 in its credits."""
+    model = OPENSIM_LICENSED_BY[path]
+    text = git_bytes(opensim, OPENSIM_HEAD, model).decode("utf-8", "replace")
+    name = path.rsplit("/", 1)[1]
+    if f"<mesh_file>{name}</mesh_file>" not in text or "License: Creative Commons (CCBY 3.0)" not in text:
+        raise SystemExit(f"{model} no longer references {name} under CC BY 3.0")
+    return model
+
+
+def metres_to_mm(vertices: np.ndarray, triangles: np.ndarray):
+    return to_polydata(vertices * 1000.0, triangles)
+
+
+def components(vertices: np.ndarray, triangles: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The connected pieces of a multi-part surface, each as (vertices, triangles) renumbered."""
+    from scipy.sparse import coo_matrix  # noqa: PLC0415
+    from scipy.sparse.csgraph import connected_components  # noqa: PLC0415
+    n = len(vertices)
+    rows, cols = np.r_[triangles[:, 0], triangles[:, 1], triangles[:, 2]], np.r_[triangles[:, 1], triangles[:, 2],
+                                                                                 triangles[:, 0]]
+    _, label = connected_components(coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n)), directed=False)
+    out = []
+    for piece in np.unique(label):
+        keep = np.flatnonzero(label == piece)
+        renumber = np.full(n, -1, dtype=np.int64)
+        renumber[keep] = np.arange(len(keep))
+        tri = triangles[label[triangles[:, 0]] == piece]
+        out.append((vertices[keep], renumber[tri]))
+    return out
+
+
+def volume_centroid(vertices: np.ndarray, triangles: np.ndarray) -> np.ndarray:
+    a, b, c = (vertices[triangles[:, k]] for k in range(3))
+    volumes = np.einsum("ij,ij->i", a, np.cross(b, c)) / 6.0
+    return (volumes[:, None] * (a + b + c) / 4.0).sum(axis=0) / volumes.sum()
+
+
+def box_landmarks(vertices: np.ndarray, triangles: np.ndarray) -> dict:
+    low, high = vertices.min(axis=0), vertices.max(axis=0)
+    return {"centroid": _round(volume_centroid(vertices, triangles)), "bbox_min": _round(low),
+            "bbox_max": _round(high), "extent_mm": _round(high - low, 1)}
+
+
+def vertebra_landmarks(vertices: np.ndarray, triangles: np.ndarray, level: str) -> dict:
+    """Body centre: the vertebral body is the anterior part (+x) of the vertebra; its vertices are taken as those
+    within 40 % of the antero-posterior extent from the most anterior point (behind that come the pedicles,
+    transverse and spinous processes). Centre and sizes are those of their bounding box."""
+    marks = {"level": level, **box_landmarks(vertices, triangles)}
+    x = vertices[:, 0]
+    body = vertices[x >= x.max() - 0.4 * np.ptp(x)]
+    low, high = body.min(axis=0), body.max(axis=0)
+    marks.update({"body_centre": _round((low + high) / 2), "body_width_mm": round(float(high[2] - low[2]), 1),
+                  "body_height_mm": round(float(high[1] - low[1]), 1),
+                  "body_depth_mm": round(float(high[0] - low[0]), 1)})
+    return marks
+
+
+def long_bone_axis(vertices: np.ndarray, triangles: np.ndarray, up: np.ndarray) -> tuple:
+    """Shaft axis (unit, distal to proximal) through the centroids of cross-sections every 3 mm over the middle
+    50 % of the bone, iterated so each pass cuts perpendicular to the last axis; returns (axis, point, length)."""
+    axis = up / np.linalg.norm(up)
+    for _ in range(4):
+        along = vertices @ axis
+        low, high = along.min(), along.max()
+        levels = np.arange(low + 0.25 * (high - low), low + 0.75 * (high - low), 3.0)
+        centroids = np.array([c for c in (section_centroid(vertices, triangles, axis, h) for h in levels)
+                              if c is not None])
+        point = centroids.mean(axis=0)
+        direction = np.linalg.svd(centroids - point)[2][0]
+        axis = direction if direction @ axis > 0 else -direction
+    along = vertices @ axis
+    return axis, point, float(np.ptp(along))
+
+
+def tibia_landmarks(vertices: np.ndarray, triangles: np.ndarray) -> dict:
+    """Shaft axis and length, plateau centre (centroid of the cross-section 5 mm below the most proximal point,
+    moved up the axis to that point's level), distal end (on the axis at the level of the most distal point)."""
+    axis, point, length = long_bone_axis(vertices, triangles, np.array([0.0, 1.0, 0.0]))
+    along = vertices @ axis
+    top = along.max()
+    section = section_centroid(vertices, triangles, axis, top - 5.0)
+    plateau = section + 5.0 * axis
+    distal = point + (along.min() - point @ axis) * axis
+    return {**box_landmarks(vertices, triangles), "shaft_axis": _round(axis, 5), "shaft_point": _round(point),
+            "plateau_centre": _round(plateau), "distal_end": _round(distal), "length_mm": round(length, 1)}
+
+
+def fibula_landmarks(vertices: np.ndarray, triangles: np.ndarray) -> dict:
+    """Shaft axis and length as for the tibia; head centre: volume-free estimate, the centroid of the vertices in
+    the proximal 25 mm along the axis; proximal end: the most proximal vertex."""
+    axis, point, length = long_bone_axis(vertices, triangles, np.array([0.0, 1.0, 0.0]))
+    along = vertices @ axis
+    head = vertices[along >= along.max() - 25.0].mean(axis=0)
+    return {**box_landmarks(vertices, triangles), "shaft_axis": _round(axis, 5), "shaft_point": _round(point),
+            "head_centre": _round(head), "proximal_end": _round(vertices[np.argmax(along)]),
+            "length_mm": round(length, 1)}
+
+
+def context_entry(name: str, subject: str, kind: str, side: str, source: dict, polydata, landmarks,
+                  bad_edge_rings: int | None = None) -> Shape:
+    vertices_q, origin, triangles, vertices, log = process(polydata, CONTEXT_TRIANGLES, name, bad_edge_rings)
+    marks = landmarks(vertices, triangles.astype(np.int64))
+    return Shape(name, subject, kind, side, "", source, vertices_q, origin, triangles,
+                 {"processing": log, "landmarks": marks, "side_evidence": {}})
+
+
+def context_shapes(gias3: Path, opensim: Path) -> list[Shape]:
+    """The sacrum of gias3 2007_5028 (same frame as the stored hemipelves) and OpenSim (CC BY 3.0) vertebrae
+    L1-L5 and T12, tibiae, fibulae and the right patella."""
+    shapes = []
+    parts = read_vrml(git_bytes(gias3, GIAS3_HEAD, PELVIS_PATH))
+    centres = [to_arrays(clean(p))[0].mean(axis=0) for p in parts]
+    sacrum_index = int(np.argsort([c[0] for c in centres])[1])  # right, sacrum, left along x
+    if sacrum_index != 2:
+        raise SystemExit(f"the sacrum should be shape 3 of {PELVIS_PATH}, found shape {sacrum_index + 1}")
+    source = {**GIAS3, "path": PELVIS_PATH, "commit": GIAS3_HEAD, "frame": "CT scanner frame (orientation not "
+              "stated; behaves as LPS, superior = +z), the frame of the gias3_2007_5028 hemipelves",
+              "what": "sacrum (shape 3 of 3 in a whole-pelvis VRML: right, left hemipelvis, sacrum)"}
+    shapes.append(context_entry(f"gias3_{PELVIS_SUBJECT}_sacrum", f"gias2-{PELVIS_SUBJECT}", "sacrum", "midline",
+                                source, parts[sacrum_index], box_landmarks, bad_edge_rings=1))
+    # (it has 2 non-manifold and 4 mis-oriented edges; dropping only the faces on them left a surface that
+    # vtkQuadricDecimation broke again: with one ring of neighbours dropped and refilled it decimates cleanly)
+
+    def opensim_source(path: str, body: str, what: str) -> dict:
+        return {**OPENSIM, "path": path, "commit": OPENSIM_HEAD, "licensed_by": opensim_licence_check(opensim, path),
+                "frame": OPENSIM_FRAME.format(body=body), "what": what}
+
+    spine_path = "Geometry/hat_spine.vtp"
+    vertices, triangles = to_arrays(clean(read_vtp(git_bytes(opensim, OPENSIM_HEAD, spine_path))))
+    closed = [(v, t) for v, t in components(vertices, triangles) if len(t) >= 200 and not any(edge_report(t).values())]
+    closed.sort(key=lambda piece: piece[0][:, 1].mean())  # lowest (L5, just above the lumbosacral joint) first
+    for number, (level, (v, t)) in enumerate(zip(OPENSIM_SPINE_LEVELS, closed), start=1):
+        source = opensim_source(spine_path, "torso", f"vertebra {level}: closed piece {number} of hat_spine.vtp "
+                                "counted from below (the open intervertebral-disc pieces are not used)")
+        shapes.append(context_entry(f"opensim_{level}", "opensim-gait2392", "vertebra", "midline", source,
+                                    metres_to_mm(v, t), lambda a, b, lv=level: vertebra_landmarks(a, b, lv)))
+    for path, body, kind, side, landmarks in (
+            ("Geometry/tibia_r.vtp", "tibia_r", "tibia", "right", tibia_landmarks),
+            ("Geometry/tibia_l.vtp", "tibia_l", "tibia", "left", tibia_landmarks),
+            ("Geometry/fibula.vtp", "tibia_r", "fibula", "right", fibula_landmarks),
+            ("Geometry/l_fibula.vtp", "tibia_l", "fibula", "left", fibula_landmarks),
+            ("Geometry/pat.vtp", "patella_r", "patella", "right", box_landmarks)):
+        v, t = to_arrays(clean(read_vtp(git_bytes(opensim, OPENSIM_HEAD, path))))
+        source = opensim_source(path, body, f"{side} {kind}")
+        shapes.append(context_entry(f"opensim_{kind}_{side}", "opensim-gait2392" if kind != "patella" else
+                                    "opensim-leg6dof9musc", kind, side, source, metres_to_mm(v, t), landmarks))
+    return shapes
+
+
+def write_context(shapes: list[Shape], out: Path) -> dict:
+    entries, arrays = [], {}
+    for shape in shapes:
+        entries.append({
+            "name": shape.name, "subject": shape.subject, "kind": shape.kind, "side": shape.side, "extent": "",
+            "held_out": False, "licence": shape.source["licence"], "source": dict(shape.source),
+            "watertight": shape.meta["processing"]["watertight"], "n_vertices": int(len(shape.vertices_q)),
+            "n_triangles": int(len(shape.triangles)), "landmarks": shape.meta["landmarks"],
+            "processing": shape.meta["processing"], "side_evidence": {}})
+        arrays[f"{shape.name}__vertices"] = shape.vertices_q
+        arrays[f"{shape.name}__origin"] = shape.origin
+        arrays[f"{shape.name}__triangles"] = shape.triangles
+    meta = {
+        "format": CONTEXT_FORMAT, "vertex_scale_mm": VERTEX_SCALE_MM,
+        "layout": "as anatomy_shapes.npz",
+        "frames": "each shape keeps its source frame (mm): the gias3 sacrum the CT frame of the stored "
+                  "gias3_2007_5028 hemipelves (it sits between them); OpenSim shapes their OpenSim body frame "
+                  "(y superior, x anterior, z right; vertebrae: torso, tibia/fibula: tibia_r or tibia_l, patella: "
+                  "patella_r), not placed relative to each other or to any other stored shape",
+        "split": {"rule": "context bones are never labelled: every shape is training (held_out false)"},
+        "shapes": entries,
+    }
+    arrays["metadata"] = np.array(json.dumps(meta, indent=1))
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out / "anatomy_context.npz", **arrays)
+    return meta
+
+
+def verify_context(out: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from FemurSegLib import anatomy  # noqa: PLC0415
+    print(f"\n{'name':30s} {'kind':9s} {'side':7s} {'tris':>5s} {'extent x y z (mm)':>22s} {'watertight':>10s} "
+          f"key sizes")
+    for kind in anatomy.CONTEXT_KINDS:
+        for shape in anatomy.load_shapes(kind):
+            boundary, non_manifold = vtk_edge_counts(anatomy.to_polydata(shape.vertices, shape.triangles))
+            marks = shape.landmarks
+            extra = {k: marks[k] for k in ("body_width_mm", "body_height_mm", "length_mm") if k in marks}
+            extent = " ".join(f"{e:6.1f}" for e in marks["extent_mm"])
+            watertight = boundary == 0 and non_manifold == 0
+            print(f"{shape.name:30s} {shape.kind:9s} {shape.side:7s} {len(shape.triangles):5d} {extent:>22s} "
+                  f"{str(watertight):>10s} {extra}")
+            if not watertight:
+                raise SystemExit(f"{shape.name}: {boundary} boundary and {non_manifold} non-manifold edges")
+    sacrum = anatomy.load_shapes("sacrum")[0]
+    left, right = anatomy.load_shapes("hemipelvis")[:2]
+    centroid = np.array(sacrum.landmarks["centroid"])
+    print(f"sacrum centroid x {centroid[0]:.1f} mm between hemipelvis centroids x {right.vertices[:, 0].mean():.1f}"
+          f" (right) and {left.vertices[:, 0].mean():.1f} (left)")
+
+
 # --- verification -----------------------------------------------------------------------------------------------
 
 def verify(out: Path) -> None:
@@ -1087,7 +1355,7 @@ def verify(out: Path) -> None:
     from FemurSegLib import anatomy  # noqa: PLC0415
 
     vtk = _vtk()
-    shapes = anatomy.load_shapes()
+    shapes = [s for s in anatomy.load_shapes() if s.kind in ("femur", "hemipelvis")]
     print(f"\n{'name':34s} {'subject':17s} {'side':5s} {'extent':8s} {'tris':>6s} {'R head/acet':>11s} "
           f"{'rms':>5s} {'length':>6s} {'watertight':>10s} {'held_out':>8s}")
     for shape in shapes:
@@ -1153,12 +1421,28 @@ def voxel_count(polydata, spacing: float) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--libhip", type=Path, required=True, help="clone or bare mirror of diku-dk/libhip")
-    parser.add_argument("--gias2", type=Path, required=True, help="juzhang/gias2-shape-modelling-tutorial")
+    parser.add_argument("--libhip", type=Path, help="clone or bare mirror of diku-dk/libhip")
+    parser.add_argument("--gias2", type=Path, help="juzhang/gias2-shape-modelling-tutorial")
     parser.add_argument("--gias3", type=Path, required=True, help="musculoskeletal/gias3.examples")
+    parser.add_argument("--opensim", type=Path, help="opensim-org/opensim-models (for anatomy_context.npz)")
+    parser.add_argument("--context-only", action="store_true",
+                        help="write only anatomy_context.npz (needs --gias3 and --opensim)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
     parser.add_argument("--no-verify", action="store_true", help="skip loading back and voxelising")
     args = parser.parse_args(argv)
+    if args.opensim is not None:
+        print("context bones (sacrum, vertebrae, tibiae, fibulae, patella):")
+        write_context(context_shapes(args.gias3, args.opensim), args.out)
+        print(f"wrote {args.out / 'anatomy_context.npz'} "
+              f"({(args.out / 'anatomy_context.npz').stat().st_size / 1024:.0f} KiB)")
+        if not args.no_verify:
+            verify_context(args.out)
+    if args.context_only:
+        if args.opensim is None:
+            parser.error("--context-only needs --opensim")
+        return
+    if args.libhip is None or args.gias2 is None:
+        parser.error("--libhip and --gias2 are needed (or --context-only with --opensim)")
     print("gias2 femurs:")
     gias2 = gias2_femurs(args.gias2)
     print("libhip femurs:")

@@ -144,3 +144,73 @@ def test_a_scan_profile_renders_the_same_specimen_on_the_scanners_grid():
     assert volume_ml(ct, femur) == pytest.approx(volume_ml(drawn_ct, drawn_femur), rel=0.02)
     with pytest.raises(ValueError, match="ex-vivo"):
         generate_case("invivo", 4, scan=(0.6, 1.5))
+
+
+def _open_edges(shape) -> tuple[int, int]:
+    """(boundary, non-manifold) edge counts by vtkFeatureEdges."""
+    from vtkmodules.vtkFiltersCore import vtkFeatureEdges
+
+    from FemurSegLib.anatomy import to_polydata
+
+    counts = []
+    for boundary in (True, False):
+        edges = vtkFeatureEdges()
+        edges.SetInputData(to_polydata(shape.vertices, shape.triangles))
+        edges.SetBoundaryEdges(boundary)
+        edges.SetNonManifoldEdges(not boundary)
+        edges.FeatureEdgesOff()
+        edges.ManifoldEdgesOff()
+        edges.Update()
+        counts.append(edges.GetOutput().GetNumberOfCells())
+    return counts[0], counts[1]
+
+
+@pytest.mark.parametrize("kind", ["sacrum", "vertebra", "tibia", "fibula", "patella"])
+def test_context_bones_load_closed_outward_training_shapes(kind):
+    from FemurSegLib.anatomy import CONTEXT_KINDS, KINDS
+
+    assert kind in KINDS and kind in CONTEXT_KINDS
+    shapes = load_shapes(kind)
+    assert shapes and all(s.kind == kind and not s.held_out for s in shapes)
+    assert load_shapes(kind, held_out=True) == []
+    for shape in shapes:
+        assert _open_edges(shape) == (0, 0), shape.name
+        a, b, c = (shape.vertices[shape.triangles[:, k]] for k in range(3))
+        assert np.einsum("ij,ij->i", a, np.cross(b, c)).sum() / 6 > 0, f"{shape.name} is inside out"
+        assert shape.licence in ("MPL-2.0", "CC-BY-3.0") and len(shape.triangles) <= 5000
+        marks = shape.landmarks
+        assert np.allclose(np.subtract(marks["bbox_max"], marks["bbox_min"]), marks["extent_mm"], atol=0.06)
+        assert np.all(np.abs(np.subtract(marks["centroid"], shape.vertices.mean(axis=0))) < marks["extent_mm"])
+
+
+def test_context_bones_have_plausible_sizes_in_mm_and_landmarks():
+    sacrum = load_shapes("sacrum")[0]
+    assert sacrum.name == "gias3_2007_5028_sacrum" and 80 <= sacrum.landmarks["extent_mm"][2] <= 160  # +z superior
+    left, right = load_shapes("hemipelvis")[:2]
+    assert right.vertices[:, 0].mean() < sacrum.landmarks["centroid"][0] < left.vertices[:, 0].mean(), \
+        "the sacrum sits between the hemipelves of the same subject (same frame)"
+
+    vertebrae = load_shapes("vertebra")
+    assert [v.name for v in vertebrae] == ["opensim_L5", "opensim_L4", "opensim_L3", "opensim_L2", "opensim_L1",
+                                           "opensim_T12"]
+    heights = [v.landmarks["body_centre"][1] for v in vertebrae]
+    assert heights == sorted(heights), "L5 lowest, T12 highest (OpenSim: y superior)"
+    for vertebra in vertebrae:
+        assert vertebra.landmarks["level"] == vertebra.name.split("_")[1]
+        assert 35 <= vertebra.landmarks["body_width_mm"] <= 60
+        assert 20 <= vertebra.landmarks["body_height_mm"] <= 40
+
+    for tibia in load_shapes("tibia"):
+        marks = tibia.landmarks
+        axis = np.array(marks["shaft_axis"])
+        assert abs(np.linalg.norm(axis) - 1) < 1e-3 and axis[1] > 0.95, "distal to proximal, along +y"
+        assert 300 <= marks["length_mm"] <= 450
+        along = tibia.vertices @ axis
+        assert along.max() - np.dot(marks["plateau_centre"], axis) < 5, "plateau centre at the proximal end"
+    for fibula in load_shapes("fibula"):
+        marks = fibula.landmarks
+        assert 300 <= marks["length_mm"] <= 450
+        along = fibula.vertices @ np.array(marks["shaft_axis"])
+        assert along.max() - np.dot(marks["head_centre"], marks["shaft_axis"]) < 30, "head at the proximal end"
+    patella = load_shapes("patella")[0]
+    assert 35 <= max(patella.landmarks["extent_mm"]) <= 60
