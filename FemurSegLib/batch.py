@@ -31,8 +31,9 @@ import SimpleITK as sitk
 from filelock import FileLock
 
 from .errors import FemurSegError
-from .imageio import (IMAGE_SUFFIXES, image_suffix, read_ct, read_label, require_same_grid, write_bytes_atomic,
-                      write_image)
+from .imageio import IMAGE_SUFFIXES, image_suffix, read_ct, read_label, require_same_grid, write_image
+from .iopolicy import (NAME_MAX_BYTES, InputFiles, check_against_inputs, check_name, prepare_output_folder,
+                       read_bytes, require_input_folder, shown, write_bytes_atomic)
 from .metrics import dice
 from .surface import SURFACE_FORMATS, SurfaceOptions, write_label_surface
 
@@ -45,6 +46,10 @@ FOLDERS = {"labels": "labels", "fill": "fill", "overlays": "overlays", "surfaces
 RESULTS_CSV, REPORT_HTML, LOCK_FILE = "results.csv", "report.html", ".results.lock"
 CT_SUFFIXES = tuple(s for s in IMAGE_SUFFIXES if s != ".seg.nrrd")  # a .seg.nrrd is a segmentation, not a CT
 LOCK_TIMEOUT_S = 120
+MAX_CSV_BYTES = 64 * 1024**2
+# the longest name a case's files get: "<case>" + this (".nii.gz", ".json", ".png", ".stl" ...)
+LONGEST_CASE_SUFFIX = max(len(s) for s in (".nrrd", ".nii.gz", ".nii", ".mha", ".json", ".png",
+                                            *(f".{f}" for f in SURFACE_FORMATS)))
 
 
 @dataclass(frozen=True)
@@ -65,8 +70,8 @@ class BatchSettings:
     def __post_init__(self) -> None:
         if self.surface_format not in (None, *SURFACE_FORMATS):
             raise FemurSegError(f"Surface format '{self.surface_format}' must be one of {', '.join(SURFACE_FORMATS)}.")
-        if self.truth_dir is not None and not Path(self.truth_dir).is_dir():
-            raise FemurSegError(f"Truth folder '{self.truth_dir}' does not exist or is not a folder.")
+        if self.truth_dir is not None:
+            require_input_folder(self.truth_dir, "Truth folder")
 
     def record(self, model_name: str) -> dict:
         """What decides a row: a done case made with another record is redone (the device is not part of it)."""
@@ -116,8 +121,15 @@ def case_name(path: Path) -> str:
 
 
 def _check_name(name: str, where: str) -> str:
+    """A case name its output files can carry: a plain file name, valid UTF-8, short enough for every suffix."""
     if not name or name.startswith(".") or "/" in name or "\\" in name:
-        raise FemurSegError(f"Case name '{name}' ({where}) cannot be a file name: no path separators, no leading dot.")
+        raise FemurSegError(f"Case name '{shown(name)}' ({shown(where)}) cannot be a file name: no path separators, "
+                            "no leading dot.")
+    check_name(name, f"Case name ({shown(where)})")
+    if len(name.encode("utf-8")) + LONGEST_CASE_SUFFIX > NAME_MAX_BYTES:
+        raise FemurSegError(f"Case name '{name[:40]}...' ({shown(where)[:80]}) is {len(name.encode('utf-8'))} bytes: "
+                            f"its files would pass the file system's {NAME_MAX_BYTES}-byte names; shorten it to "
+                            f"{NAME_MAX_BYTES - LONGEST_CASE_SUFFIX} (CSV: 'case').")
     return name
 
 
@@ -130,14 +142,14 @@ def find_cases(source: str | os.PathLike) -> list[Case]:
     if source.is_dir():
         files = [p for p in source.iterdir() if p.is_file() and not p.name.startswith(".")
                  and image_suffix(p) in CT_SUFFIXES]
-        cases = [Case(_check_name(case_name(p), str(p)), p) for p in files]
+        cases = [Case(_check_name(case_name(check_name(p, "CT file")), str(p)), p) for p in files]
         if not cases:
             raise FemurSegError(f"Folder '{source}' holds no CT images ({', '.join(CT_SUFFIXES)}).")
     elif source.is_file() and source.suffix.lower() == ".csv":
         try:
-            with open(source, newline="", encoding="utf-8-sig") as handle:
-                records = list(csv.DictReader(handle))
-        except (OSError, UnicodeDecodeError, csv.Error) as error:
+            text = read_bytes(source, "CSV", MAX_CSV_BYTES).decode("utf-8-sig")
+            records = list(csv.DictReader(io.StringIO(text, newline="")))
+        except (UnicodeDecodeError, csv.Error) as error:
             raise FemurSegError(f"Could not read the CSV '{source}': {error}.") from None
         if not records or "ct" not in records[0]:
             raise FemurSegError(f"CSV '{source}' needs a header row with a 'ct' column (and optionally 'case').")
@@ -309,7 +321,7 @@ def _process_case(case: Case, segmenter: Segmenter, settings: BatchSettings, out
     ct = read_ct(case.ct)
     segmentation = segmenter.run(ct, progress=lambda fraction, stage: report(0.85 * fraction, stage))
     label = segmentation.label
-    suffix = ".mha" if image_suffix(case.ct) == ".mhd" else image_suffix(case.ct)  # one file, written atomically
+    suffix = _output_suffix(case.ct)
     per_femur = {warning for femur in segmentation.femurs for warning in femur.warnings}
     result = CaseResult(ct, label, femurs=segmentation.femurs,
                         warnings=[warning for warning in segmentation.warnings if warning not in per_femur])
@@ -344,21 +356,49 @@ def _process_case(case: Case, segmenter: Segmenter, settings: BatchSettings, out
     return result
 
 
+def _output_suffix(ct: Path) -> str:
+    """A case's label and fill take the CT's format; .mhd (two files, not atomic) becomes .mha."""
+    return ".mha" if image_suffix(ct) == ".mhd" else image_suffix(ct)
+
+
+def planned_outputs(out_dir: Path, case: Case, settings: BatchSettings) -> list[Path]:
+    """Every file a case writes, known before it runs."""
+    suffix = _output_suffix(case.ct)
+    paths = [out_dir / FOLDERS["labels"] / f"{case.name}{suffix}", out_dir / FOLDERS["overlays"] / f"{case.name}.png",
+             _row_file(out_dir, case.name)]
+    if settings.fill:
+        paths.append(out_dir / FOLDERS["fill"] / f"{case.name}{suffix}")
+    if settings.surface_format:
+        paths.append(out_dir / FOLDERS["surfaces"] / f"{case.name}.{settings.surface_format}")
+    return paths
+
+
+def check_outputs(source: str | os.PathLike, out_dir: Path, cases: list[Case], settings: BatchSettings) -> None:
+    """Before any work (iopolicy): no folder batch writes lies in the CT folder or the truth folder, both read as a
+    set, and no file it writes is one of the cases' CTs (a CSV may list CTs anywhere) or a truth label."""
+    read_as_set = [Path(source)] if Path(source).is_dir() else []
+    read_as_set += [Path(settings.truth_dir)] if settings.truth_dir is not None else []
+    for folder in (out_dir, *(out_dir / name for name in FOLDERS.values())):
+        check_against_inputs(folder, (), read_as_set, "Output folder")
+    inputs = InputFiles(case.ct for case in cases)
+    for path in (out_dir / RESULTS_CSV, out_dir / REPORT_HTML,
+                 *(path for case in cases for path in planned_outputs(out_dir, case, settings))):
+        check_against_inputs(path, inputs, (), "Output")
+
+
 def run_batch(source: str | os.PathLike, out_dir: str | os.PathLike, settings: BatchSettings = BatchSettings(),
               shard_spec: tuple[int, int] = (0, 1),
               progress: Callable[[BatchProgress], None] | None = None) -> BatchSummary:
     """Segment every case of ``source`` (this shard's part) not yet done into ``out_dir``; see the module doc."""
     from .models import resolve_model
 
-    out_dir = Path(out_dir)
+    out_dir = check_name(out_dir, "Output folder")
     cases = shard(find_cases(source), *shard_spec)
+    check_outputs(source, out_dir, cases, settings)
     model = resolve_model(settings.model)
     record = settings.record(model.name)
-    try:
-        for folder in FOLDERS.values():
-            (out_dir / folder).mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise FemurSegError(f"Cannot create the output folder '{out_dir}': {error.strerror or error}.") from None
+    for folder in (out_dir, *(out_dir / name for name in FOLDERS.values())):
+        prepare_output_folder(folder)
     title = f"FemurSeg batch: {Path(source).name} ({model.name})"
     show = progress or (lambda update: None)
     todo = [case for case in cases if not is_done(out_dir, case, record)]

@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 
 from .errors import FemurSegError
+from .iopolicy import DISK_FULL, shown
 from .training import add_recipe_arguments
 
 
@@ -145,10 +146,13 @@ def _cmd_segment(args: argparse.Namespace) -> None:
 
 def _cmd_models(args: argparse.Namespace) -> None:
     from .finetune import summary
-    from .models import install_model, list_models, remove_model
+    from .models import install_model, remove_model, scan_models
 
     if args.action == "list":
-        for model in list_models():
+        models, problems = scan_models()
+        for problem in problems:
+            print(f"femurseg: warning: {problem}", file=sys.stderr)
+        for model in models:
             kind = "bundled" if model.bundled else "installed"
             print(f"{model.name:32s} {kind:9s} folds {','.join(model.folds):8s} {model.trained_folder}")
             if summary(model.card):
@@ -218,10 +222,13 @@ def _surface_options(args: argparse.Namespace):
 
 
 def _cmd_surface(args: argparse.Namespace) -> None:
-    from .imageio import read_image
-    from .surface import write_label_surface
+    from .imageio import check_output_path, read_label
+    from .surface import surface_format, write_label_surface
 
-    check = write_label_surface(read_image(args.label, "label"), args.out_surface, _surface_options(args), args.value)
+    surface_format(args.out_surface)
+    check_output_path(args.out_surface, (args.label,), suffixes=None, what="Surface file")
+    options = _surface_options(args)
+    check = write_label_surface(read_label(args.label), args.out_surface, options, args.value)
     print(f"surface -> {args.out_surface} ({args.coordinates}): {check.describe()}")
     for problem in check.problems():
         print(f"femurseg: warning: {problem}", file=sys.stderr)
@@ -425,6 +432,12 @@ def main(argv: list[str] | None = None) -> int:
     except MemoryError:
         print(f"femurseg: error: out of memory in '{args.command}'; use a smaller or cropped volume, or a machine "
               "with more memory.", file=sys.stderr)
+        return 2
+    except OSError as error:  # the environment, not a bug: a full disk, a port in use, a file vanished mid-run
+        where = f" ('{shown(error.filename)}')" if error.filename else ""
+        print(f"femurseg: error: {args.command} failed: {error.strerror or error}{where}; "
+              f"{'free some space and run it again' if error.errno in DISK_FULL else 'fix that and run it again'}.",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("femurseg: interrupted", file=sys.stderr)

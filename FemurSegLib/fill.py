@@ -25,6 +25,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from .budget import check_fill
 from .errors import FemurSegError
 from .imageio import check_volume, label_image_like
 
@@ -115,6 +116,7 @@ def _fill_holes_slicewise(mask: np.ndarray) -> np.ndarray:
 
 def fill_mask(ct_hu: np.ndarray, spacing_zyx: tuple[float, float, float], parameters: FillParameters) -> np.ndarray:
     """Boolean fill segmentation of a (z, y, x) HU array with voxel spacing in mm."""
+    check_fill(ct_hu.shape[::-1], spacing_zyx[::-1], parameters.closing_radius_mm)
     bone = ct_hu >= parameters.threshold_hu
     if not bone.any():
         return bone

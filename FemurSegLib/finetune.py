@@ -48,6 +48,7 @@ from .dataset import (DATASET_FOLDER, STAGING_PREFIX, dataset_cases, dataset_jso
                       recover_dataset)
 from .errors import FemurSegError
 from .imageio import mask_array, read_ct, read_label, require_same_grid, write_bytes_atomic
+from .modelschema import check_plans, load_json
 from .models import ModelInfo, check_new_model_name, resolve_model, user_models_dir
 from .precision import bfloat16_forward
 
@@ -353,7 +354,12 @@ def _nnunet_paths(work_dir: Path) -> Iterator[None]:
 # --- data ---------------------------------------------------------------------------------------------------------
 
 def _plans(base: ModelInfo) -> dict:
-    return json.loads((base.trained_folder / "plans.json").read_text())
+    """The base model's plans, checked again as a schema where read: dataset_name and plans_name become folder
+    names below the work folder, so they must be plain names (one was '../../../../../elsewhere/Dataset999_E')."""
+    path = base.trained_folder / "plans.json"
+    plans = load_json(path, "plans.json")
+    check_plans(plans, _configuration(base), path)
+    return plans
 
 
 def _configuration(base: ModelInfo) -> str:

@@ -1,10 +1,10 @@
-"""Reading and writing 3D images with their geometry kept, and atomic file writes.
+"""Reading and writing 3D images with their geometry kept.
 
 SimpleITK does the I/O (NRRD, NIfTI, MHA); this module adds the checks that turn its exceptions and odd
-inputs (2D, 4D, vector, empty, truncated, blank, NaN, tiny, absurd spacing, a CT given as a label) into one-line
-messages, checks output paths before any work starts (an output must never overwrite an input), and writes
-every file through a temporary file in the same folder followed by a rename, so a crash never leaves a
-half-written file under the final name.
+inputs (2D, 4D, vector, empty, truncated, blank, NaN, tiny, absurd spacing, degenerate directions, a CT given as a
+label) into one-line messages. What may be opened and written, and how (regular files only, detached data files
+confined, outputs never an input, atomic writes), is FemurSegLib.iopolicy's, which every reader and writer here
+goes through.
 
 Truncated files: ITK's NIfTI reader silently pads missing data with zeros and its MetaImage reader fails with a
 misleading "No such file" after printing to stderr, so NIfTI and MetaImage files are measured against what their
@@ -13,23 +13,21 @@ header declares before they are read; ITK's NRRD reader refuses short data itsel
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import math
 import os
 import struct
-import tempfile
 import zlib
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import SimpleITK as sitk
 
 from .errors import FemurSegError
+from .iopolicy import (atomic_path, check_against_inputs, check_detached_data, check_output_file,
+                       disk_full_message, prepare_output_folder, require_input_file, shown, write_bytes_atomic)
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+__all__ = ["atomic_path", "prepare_output_folder", "write_bytes_atomic"]  # the I/O policy's, used through here too
 
 IMAGE_SUFFIXES = (".nrrd", ".nii.gz", ".nii", ".mha", ".mhd", ".seg.nrrd")
 OUTPUT_SUFFIXES = (".nrrd", ".nii.gz", ".nii", ".mha", ".seg.nrrd")  # one file each (.mhd writes two)
@@ -47,15 +45,23 @@ def image_suffix(path: str | os.PathLike) -> str:
     return Path(path).suffix.lower()
 
 
-def read_image(path: str | os.PathLike, what: str = "image") -> sitk.Image:
+def read_image(path: str | os.PathLike, what: str = "image", data_root: Path | None = None,
+               detached: bool = True) -> sitk.Image:
     """Read a 3D scalar image, or raise FemurSegError saying why it cannot be used.
 
-    The header is checked before the voxels are read (no gigabytes read for a 4D file or an absurd size).
+    The file must be a regular file (iopolicy.require_input_file); a detached header's data file must be one too,
+    inside ``data_root`` (default: the header's folder), and is refused outright when ``detached`` is False (an
+    upload holds one file). The header is checked before the voxels are read (no gigabytes read for a 4D file or
+    an absurd size).
     """
-    path = Path(path)
-    named = f"{what} '{path}'"
-    if not path.is_file():
-        raise FemurSegError(f"{named} does not exist or is not a file.")
+    if not isinstance(path, (str, os.PathLike)):
+        raise FemurSegError(f"The {what} path must be text, not {type(path).__name__}.")
+    path = require_input_file(path, f"{what[:1].upper()}{what[1:]}")
+    named = f"{what} '{shown(path)}'"
+    data_file = check_detached_data(path, data_root, f"{what[:1].upper()}{what[1:]}")
+    if data_file is not None and not detached:
+        raise FemurSegError(f"{named} takes its voxels from another file ('{shown(data_file)}'); send one file that "
+                            "holds them (.nrrd, .nii.gz or .mha).")
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
@@ -67,6 +73,7 @@ def read_image(path: str | os.PathLike, what: str = "image") -> sitk.Image:
             f"{_last_line(error, 'unknown reader error')}"
         ) from None
     _check_layout(reader.GetDimension(), reader.GetNumberOfComponents(), reader.GetSize(), named)
+    _check_direction(reader.GetDirection(), named)
     _check_complete(path, named)
     try:
         image = reader.Execute()
@@ -81,16 +88,18 @@ def read_image(path: str | os.PathLike, what: str = "image") -> sitk.Image:
     return image
 
 
-def read_ct(path: str | os.PathLike, what: str = "CT") -> sitk.Image:
-    """Read a CT and refuse what cannot be segmented (see check_ct)."""
-    image = read_image(path, what)
+def read_ct(path: str | os.PathLike, what: str = "CT", data_root: Path | None = None,
+            detached: bool = True) -> sitk.Image:
+    """Read a CT and refuse what cannot be segmented (see check_ct; data_root and detached as for read_image)."""
+    image = read_image(path, what, data_root, detached)
     check_ct(image, f"{what} '{path}'")
     return image
 
 
-def read_label(path: str | os.PathLike, what: str = "label") -> sitk.Image:
-    """Read a label image and refuse what is not one (see check_label)."""
-    image = read_image(path, what)
+def read_label(path: str | os.PathLike, what: str = "label", data_root: Path | None = None,
+               detached: bool = True) -> sitk.Image:
+    """Read a label image and refuse what is not one (see check_label; data_root and detached as for read_image)."""
+    image = read_image(path, what, data_root, detached)
     check_label(image, f"{what} '{path}'")
     return image
 
@@ -113,6 +122,14 @@ def _check_layout(dimension: int, components: int, size: tuple[int, ...], what: 
     if math.prod(size) > MAX_VOXELS:
         raise FemurSegError(f"{what} has {math.prod(size):,} voxels, more than FemurSeg handles ({MAX_VOXELS:,}); "
                             "crop or resample it first.")
+
+
+def _check_direction(direction: tuple[float, ...], what: str) -> None:
+    """Refuse zero or collinear axis directions: the voxels would have no place in space."""
+    matrix = np.array(direction, dtype=float).reshape(3, 3)
+    if not np.all(np.isfinite(matrix)) or abs(np.linalg.det(matrix)) < 1e-6:
+        raise FemurSegError(f"{what} has a degenerate direction matrix (zero or parallel axes: "
+                            f"{', '.join(f'{v:g}' for v in direction)}); fix its header's space directions.")
 
 
 def _check_complete(path: Path, what: str) -> None:
@@ -170,8 +187,8 @@ def _metaimage_declared_and_actual(path: Path) -> tuple[int | None, int]:
             return declared, _stream_length(handle, zlib.decompressobj() if compressed else None)
     if data_file in ("", "LIST") or "%" in data_file or fields.get("HeaderSize", "0") not in ("0", ""):
         return None, 0
-    data_path = path.parent / data_file
-    if not data_path.is_file():
+    data_path = Path(data_file) if Path(data_file).is_absolute() else path.parent / data_file
+    if not data_path.is_file():  # read_image checked it with iopolicy.check_detached_data first
         return declared, 0
     with open(data_path, "rb") as handle:
         return declared, _stream_length(handle, zlib.decompressobj() if compressed else None)
@@ -238,50 +255,15 @@ def check_label(image: sitk.Image, what: str) -> None:
 
 
 def check_output_path(path: str | os.PathLike, inputs: tuple[str | os.PathLike, ...] = (),
-                      suffixes: tuple[str, ...] | None = OUTPUT_SUFFIXES, what: str = "Output") -> Path:
-    """Refuse an output path before any work: an input file, a folder, a missing or read-only folder, or (for
-    images) a format that is not one 3D volume file. Returns the path."""
-    path = Path(path)
-    for source in inputs:
-        source = Path(source)
-        same = path.resolve() == source.resolve() or (
-            path.exists() and source.exists() and os.path.samefile(path, source))
-        if same:
-            raise FemurSegError(f"{what} '{path}' is the input '{source}'; writing it would destroy the input. "
-                                "Choose another output name.")
+                      suffixes: tuple[str, ...] | None = OUTPUT_SUFFIXES, what: str = "Output",
+                      input_folders: tuple[str | os.PathLike, ...] = ()) -> Path:
+    """Refuse an output path before any work (iopolicy.check_output_file: an input, a folder, a missing or
+    read-only folder) and, for images, a format that is not one 3D volume file. Returns the path."""
+    path = check_against_inputs(path, inputs, input_folders, what)
     if suffixes is not None and image_suffix(path) not in suffixes:
         raise FemurSegError(f"{what} '{path}' must end in {', '.join(suffixes)}: other formats (e.g. .png) cannot "
                             "hold a 3D label.")
-    if path.is_dir():
-        raise FemurSegError(f"{what} '{path}' is a folder; give a file name inside it.")
-    if not path.parent.is_dir():
-        raise FemurSegError(f"Output folder '{path.parent}' does not exist; create it first.")
-    _require_writable(path.parent)
-    return path
-
-
-def prepare_output_folder(folder: str | os.PathLike) -> Path:
-    """Create ``folder`` if needed and make sure files can be written into it, before any work."""
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise FemurSegError(f"Output folder '{folder}' is a file; choose a folder name.")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise FemurSegError(f"Cannot create the output folder '{folder}' ({error.strerror or error}).") from None
-    _require_writable(folder)
-    return folder
-
-
-def _require_writable(folder: Path) -> None:
-    """A real write, not os.access: it also sees read-only mounts and ACLs, and is not fooled by running as root."""
-    try:
-        handle, probe = tempfile.mkstemp(prefix=".femurseg-probe-", dir=folder)
-        os.close(handle)
-        os.unlink(probe)
-    except OSError as error:
-        raise FemurSegError(
-            f"Cannot write into '{folder}' ({error.strerror or error}); choose a writable folder.") from None
+    return check_output_file(path, inputs, input_folders, what)
 
 
 def same_grid(a: sitk.Image, b: sitk.Image, tolerance: float = 1e-4) -> bool:
@@ -323,51 +305,12 @@ def label_image_like(mask: np.ndarray, reference: sitk.Image, value: int = 1) ->
     return label
 
 
-@contextlib.contextmanager
-def atomic_path(final_path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``final_path``; rename it into place only if the block succeeds."""
-    final_path = Path(final_path)
-    folder = final_path.parent
-    if not folder.is_dir():
-        raise FemurSegError(f"Output folder '{folder}' does not exist; create it first.")
-    suffix = image_suffix(final_path) or ".tmp"
-    try:
-        handle, temporary = tempfile.mkstemp(prefix=f".{final_path.name}.", suffix=f".part{suffix}", dir=folder)
-    except OSError as error:
-        raise FemurSegError(
-            f"Cannot write into '{folder}' ({error.strerror or error}); choose a writable folder.") from None
-    os.close(handle)
-    temporary_path = Path(temporary)
-    try:
-        yield temporary_path
-        os.chmod(temporary_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file normal permissions
-        _fsync_file(temporary_path)
-        os.replace(temporary_path, final_path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            temporary_path.unlink()
-        raise
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` atomically (see atomic_path)."""
-    with atomic_path(path) as temporary:
-        try:
-            temporary.write_bytes(data)
-        except OSError as error:
-            raise FemurSegError(f"Could not write '{path}': {error.strerror or error}.") from None
-
-
 def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> None:
     """Write ``image`` atomically; the file appears under ``path`` complete or not at all."""
-    with atomic_path(path) as temporary:
+    with atomic_path(path, image_suffix(path) or ".tmp") as temporary:
         try:
             sitk.WriteImage(image, str(temporary), compress)
-        except RuntimeError as error:
+        except RuntimeError as error:  # e.g. "_nrrdGzClose: failed to flush pending data" for a full disk
             message = str(error).strip().splitlines()[-1] if str(error).strip() else "write failed"
-            raise FemurSegError(f"Could not write '{path}': {message}") from None
+            raise FemurSegError(f"Could not write '{shown(path)}': "
+                                f"{disk_full_message(Path(path)) or message}.") from None

@@ -44,6 +44,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from .budget import check_network_input, check_tile_step
 from .edges import fit_edges_to_half_maximum
 from .errors import FemurSegError
 from .fill import largest_component
@@ -234,9 +235,7 @@ class Segmenter:
                  notify: Callable[[str], None] = print) -> None:
         from .models import require_loadable_checkpoints, validate_model_folder
 
-        if not 0 < options.tile_step_size <= 1:
-            raise FemurSegError(f"Tile step {options.tile_step_size} is out of range: give a fraction of the patch "
-                                "in (0, 1], e.g. 1.0 (fewest tiles, the default) or 0.5 (nnU-Net's default).")
+        check_tile_step(options.tile_step_size)
         if options.side not in SIDES:
             raise FemurSegError(f"Side '{options.side}' is not one of {', '.join(SIDES)}.")
         self.options = options
@@ -271,6 +270,9 @@ class Segmenter:
             cancel: threading.Event | None = None) -> SegmentationResult:
         """Femurs of ``ct``: label on ``ct``'s grid, sides, checks. Raises InferenceCancelled if ``cancel`` is set."""
         check_ct(ct, "CT")
+        first = self.locator or self.network  # the network that sees the whole image
+        check_network_input(ct.GetSize(), ct.GetSpacing(), first.spacing,
+                            first.predictor.configuration_manager.patch_size, first.options.tile_step_size)
         report = progress or (lambda fraction, stage: None)
         cancel = cancel or threading.Event()
         report(0.0, "preparing")

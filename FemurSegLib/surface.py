@@ -33,11 +33,13 @@ from vtkmodules.vtkIOLegacy import vtkPolyDataWriter
 from vtkmodules.vtkIOXML import vtkXMLPolyDataWriter
 
 from .errors import FemurSegError
-from .imageio import atomic_path, check_volume
+from .imageio import check_label
+from .iopolicy import atomic_path
 
 SURFACE_FORMATS = ("stl", "vtk", "vtp", "obj")
 COORDINATES = ("LPS", "RAS")
 SMOOTHING_ITERATIONS = 20  # as Slicer's closed-surface conversion
+MAX_DECIMATE = 0.99  # more leaves a handful of triangles, or none (0.9999999 gave "watertight, 0 triangles")
 
 
 @dataclass(frozen=True)
@@ -50,9 +52,9 @@ class SurfaceOptions:
         if not 0 <= self.smoothing <= 1:
             raise FemurSegError(f"Smoothing {self.smoothing:g} is out of range: give a factor in [0, 1] "
                                 "(0 = none, 0.5 = Slicer's default).")
-        if not 0 <= self.decimate < 1:
-            raise FemurSegError(f"Decimation {self.decimate:g} is out of range: give the fraction of triangles to "
-                                "remove, in [0, 1) (e.g. 0.5 halves them).")
+        if not 0 <= self.decimate <= MAX_DECIMATE:
+            raise FemurSegError(f"Decimation {self.decimate} is out of range: give the fraction of triangles to "
+                                f"remove, in [0, {MAX_DECIMATE:g}] (e.g. 0.5 halves them).")
         if self.coordinates not in COORDINATES:
             raise FemurSegError(f"Coordinates '{self.coordinates}' must be LPS or RAS.")
 
@@ -113,8 +115,13 @@ def _index_to_physical(image: sitk.Image) -> np.ndarray:
 
 def label_surface(label: sitk.Image, options: SurfaceOptions = SurfaceOptions(),
                   value: int | None = None) -> vtkPolyData:
-    """Closed triangle surface of the label's non-zero voxels (or of ``value``), in LPS millimetres."""
-    check_volume(label, "Label")
+    """Closed triangle surface of the label's non-zero voxels (or of ``value``), in LPS millimetres.
+
+    The image must be a label (imageio.check_label: whole numbers 0-255, so a CT is refused) and ``value`` a
+    foreground value, 1-255 (0 would be the background's surface)."""
+    check_label(label, "The label")
+    if value is not None and not (isinstance(value, int) and 1 <= value <= 255):
+        raise FemurSegError(f"Label value {value} is not a foreground value; give one of 1-255 (0 is the background).")
     voxels = sitk.GetArrayViewFromImage(label)
     mask = voxels != 0 if value is None else voxels == value
     if not mask.any():
@@ -161,6 +168,9 @@ def label_surface(label: sitk.Image, options: SurfaceOptions = SurfaceOptions(),
     last.Update()
     surface = vtkPolyData()
     surface.DeepCopy(last.GetOutput())
+    if surface.GetNumberOfPolys() < 4:  # fewer cannot enclose anything
+        raise FemurSegError(f"The surface has {surface.GetNumberOfPolys()} triangles after decimating "
+                            f"{options.decimate:g} of them; use a smaller --decimate.")
     return surface
 
 

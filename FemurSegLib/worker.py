@@ -5,8 +5,10 @@ Protocol, one JSON object per line. Requests on stdin: ``{"id": n, "ct": path, "
 ``{"progress": f, "stage": s}`` and ``{"message": m}`` (with the request's ``id`` once a request runs; without
 while the model loads), then per request ``{"id": n, "done": path, "femurs": [...], "warnings": [...]}`` (each femur: side, label value, volume in ml) or
 ``{"id": n, "error": m}``. The label is
-written atomically. A problem with one request (an unreadable CT) is answered and the worker goes on; anything
-unexpected is answered and ends the worker, since its state is then unknown. End of stdin ends it; the GUI
+written atomically. A request is validated as the command line validates its arguments (``id`` a number or text,
+``ct`` and ``out`` text, ``out`` a volume file that is not the CT: iopolicy's checks) before any work. A problem
+with one request (a malformed one, an unreadable CT) is answered and the worker goes on; anything unexpected is
+answered and ends the worker, since its state is then unknown. End of stdin ends it; the GUI
 side (:class:`FemurSegLib.runner.SegmentationWorker`) cancels by killing its process group.
 
 Libraries that print would corrupt the protocol, so file descriptor 1 is pointed at stderr and the events go to
@@ -31,8 +33,26 @@ def _event_stream() -> TextIO:
     return private
 
 
+def parse_request(line: str) -> tuple[int | str, str, str]:
+    """(id, ct, out) of one request line, or FemurSegError saying what is wrong with it."""
+    try:
+        request = json.loads(line)
+    except ValueError:
+        request = None
+    if not isinstance(request, dict):
+        raise FemurSegError(f"Malformed worker request (not a JSON object): {line.strip()[:200]}")
+    identifier = request.get("id")
+    if isinstance(identifier, bool) or not isinstance(identifier, (int, str)):
+        raise FemurSegError(f"Malformed worker request: 'id' must be a number or text, not {identifier!r:.60}.")
+    for key in ("ct", "out"):
+        if not isinstance(request.get(key), str) or not request[key]:
+            raise FemurSegError(f"Malformed worker request {identifier!r:.60}: '{key}' must be a file path as text, "
+                                f"not {request.get(key)!r:.60}.")
+    return identifier, request["ct"], request["out"]
+
+
 def serve(model: str | None, device: str, fast: bool, requests: TextIO = sys.stdin) -> None:
-    from .imageio import read_ct, write_image
+    from .imageio import check_output_path, read_ct, write_image
     from .inference import InferenceOptions, Segmenter
     from .models import resolve_model
 
@@ -47,13 +67,13 @@ def serve(model: str | None, device: str, fast: bool, requests: TextIO = sys.std
                           notify=lambda message: emit({"message": message}))
     for line in requests:
         try:
-            request = json.loads(line)
-            current = {"id": request["id"]}
-            ct_path, out_path = request["ct"], request["out"]
-        except (ValueError, KeyError, TypeError):
-            emit({"error": f"Malformed worker request: {line.strip()[:200]}"})
+            identifier, ct_path, out_path = parse_request(line)
+        except FemurSegError as error:
+            emit({"error": str(error)})
             continue
+        current = {"id": identifier}
         try:
+            check_output_path(out_path, (ct_path,), what="Worker output")
             result = segmenter.run(read_ct(ct_path), progress=lambda fraction, stage: emit(
                 {"progress": round(fraction, 4), "stage": stage}))
             write_image(result.label, out_path)

@@ -1,8 +1,11 @@
 """Checks on what the browser sends: upload size and content, and paths confined to allowed folders.
 
-The server may be reachable by other local users, so a path typed in the page is only trusted after it is
-resolved (symlinks followed) and found inside an allowed root, and an upload is only loaded after the reader the
-command line uses (:func:`FemurSegLib.imageio.read_ct` or ``read_label``) accepted it.
+The server may be reachable by other local users, so every trigger's arguments are an API for strangers: each is
+validated as the command line validates its option (a number a number in range, a split train or test, a model a
+name from the model list, never a server path). A path typed in the page is only trusted after it is resolved
+(symlinks followed) and found inside an allowed root, and the image it names may take its voxels only from a data
+file inside that same root; an upload is one file (a detached header's data file is refused) and is only loaded
+after the reader the command line uses (:func:`FemurSegLib.imageio.read_ct` or ``read_label``) accepted it.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import SimpleITK as sitk
 from ..dataset import CASE_NAME, DATASET_FOLDER
 from ..errors import FemurSegError
 from ..imageio import IMAGE_SUFFIXES, image_suffix, read_ct, read_label
+from ..iopolicy import resolved
+from ..models import list_models
 from ..surface import SURFACE_FORMATS
 
 DEFAULT_MAX_UPLOAD_BYTES = 512 * 1024**2
@@ -37,6 +42,52 @@ def resolve_inside(text: str, roots: list[Path], what: str) -> Path:
     if not resolved.is_file():
         raise FemurSegError(f"The {what} '{text}' does not exist or is not a file.")
     return resolved
+
+
+def root_of(path: Path, roots: list[Path]) -> Path:
+    """The allowed root that holds ``path`` (resolved): the only folder its image may take data files from."""
+    for root in roots:
+        if resolved(path).is_relative_to(resolved(root)):
+            return resolved(root)
+    raise FemurSegError(f"'{path}' is outside the folders this server may read.")
+
+
+def read_inside(text: str, roots: list[Path], what: str, kind: str) -> tuple[Path, sitk.Image]:
+    """The CT (``kind`` "ct") or label ("fill") a typed path names, read with its data confined to its root."""
+    path = resolve_inside(text, roots, what)
+    reader = read_ct if kind == "ct" else read_label
+    return path, reader(path, what, data_root=root_of(path, roots))
+
+
+def check_minutes(text: object) -> float:
+    """A fine-tuning budget from the page, as ``finetune --minutes`` takes it (finite and positive; the upper limit
+    is plan_finetune's)."""
+    try:
+        minutes = float(str(text).strip())
+    except ValueError:
+        raise FemurSegError(f"Time budget '{str(text)[:40]}' is not a number of minutes.") from None
+    if not 0 < minutes < float("inf"):
+        raise FemurSegError(f"Time budget {minutes:g} is not a positive number of minutes.")
+    return minutes
+
+
+def check_split(text: object) -> str:
+    """'train' or 'test', as ``export [--test]``."""
+    if text not in ("train", "test"):
+        raise FemurSegError(f"Split '{str(text)[:40]}' must be train or test.")
+    return str(text)
+
+
+def model_by_name(text: object) -> str | None:
+    """A model chosen in the page: a name from the model list (or none: the bundled default), never a path, so
+    the page cannot make the server load or fine-tune a folder of its choosing."""
+    if text in (None, ""):
+        return None
+    names = [model.name for model in list_models()]
+    if not isinstance(text, str) or text not in names:
+        raise FemurSegError(f"Model '{str(text)[:80]}' is not in the model list ({', '.join(names) or 'none'}); choose "
+                            "one there.")
+    return text
 
 
 def dataset_dir_inside(datasets_root: Path, folder_name: str) -> Path:
@@ -99,7 +150,8 @@ def validated_upload(name: str, content: bytes, max_bytes: int, folder: Path, ki
     try:
         with os.fdopen(handle, "wb") as file:
             file.write(content)
-        image = read_ct(path, "The uploaded CT") if kind == "ct" else read_label(path, "The uploaded fill label")
+        image = read_ct(path, "The uploaded CT", detached=False) if kind == "ct" \
+            else read_label(path, "The uploaded fill label", detached=False)
     except FemurSegError as error:  # name the upload, not the server's temporary file
         path.unlink(missing_ok=True)
         raise FemurSegError(str(error).replace(f"'{path}'", f"'{name}'").replace(str(path), name)) from None

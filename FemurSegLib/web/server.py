@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from pathlib import Path
 
 from trame.app import get_server
@@ -36,9 +37,20 @@ def max_upload_bytes() -> int:
         raise FemurSegError(f"FEMURSEG_WEB_MAX_UPLOAD_MB='{text}' is not a number of megabytes.") from None
 
 
+def check_port(host: str, port: int) -> None:
+    """Refuse a port that cannot be bound (in use, or privileged) before the Slicer libraries load."""
+    try:
+        socket.create_server((host, port)).close()
+    except OSError as error:
+        reason = os.strerror(error.errno) if (error.errno or 0) > 0 else error.strerror or str(error)
+        raise FemurSegError(f"Cannot serve on {host}:{port} ({reason}); choose another port with "
+                            "--port.") from None
+
+
 def serve(host: str = "127.0.0.1", port: int = 8080, datasets_root: Path | None = None,
           open_browser: bool = False) -> None:
     """Build the app and block serving it; exports go under ``datasets_root`` (created if missing)."""
+    check_port(host, port)
     if not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY"):
         # Headless machine: render offscreen through EGL (must be chosen before VTK is imported).
         os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")

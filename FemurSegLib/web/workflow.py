@@ -31,12 +31,12 @@ from ..errors import FemurSegError
 from ..fill import compute_fill
 from ..finetune import summary
 from ..finetune_runner import FinetuneProcess
-from ..imageio import read_ct, read_image, read_label
+from ..imageio import read_ct
 from ..models import list_models
 from ..runner import SegmentationJob, SegmentationWorker
 from .panel import METRIC_ROWS
-from .safety import (SURFACES_FOLDER, check_case_name, check_upload_size, dataset_dir_inside, resolve_inside,
-                     surface_path_inside, validated_upload)
+from .safety import (SURFACES_FOLDER, check_case_name, check_minutes, check_split, check_upload_size,
+                     dataset_dir_inside, model_by_name, read_inside, surface_path_inside, validated_upload)
 
 logger = logging.getLogger(__name__)
 POLL_S = 0.25
@@ -125,14 +125,14 @@ class Workflow:
 
     def open_path(self, text: str) -> None:
         def run() -> None:
-            path = resolve_inside(str(text or ""), self.open_roots, "CT")
-            self._load_ct(path, read_ct(path, "CT"), path.name)
+            path, image = read_inside(str(text or ""), self.open_roots, "CT", "ct")
+            self._load_ct(path, image, path.name)
         self._guarded("Opening the CT", run)
 
     def load_fill_path(self, text: str) -> None:
         def run() -> None:
-            path = resolve_inside(str(text or ""), self.open_roots, "fill label")
-            self._show_fill(read_label(path, "fill label"))
+            path, image = read_inside(str(text or ""), self.open_roots, "fill label", "fill")
+            self._show_fill(image)
             self._say(f"Loaded fill label {path.name}.", "success")
         self._guarded("Loading the fill", run)
 
@@ -294,7 +294,7 @@ class Workflow:
             self._require_ct()
             if self.process is not None:
                 raise FemurSegError("A segmentation is already running.")
-            self.process = self.worker.segment(self.ct_image, model=self.state.fs_model or None)
+            self.process = self.worker.segment(self.ct_image, model=model_by_name(self.state.fs_model))
             with self.state:
                 self.state.update({"fs_segmenting": True, "fs_progress": 0.0, "fs_stage": "starting"})
             self._say("Segmenting…")
@@ -375,7 +375,7 @@ class Workflow:
             if self.comparison is not None:
                 provenance["fill_vs_nnunet"] = self.comparison.agreement.as_dict()
             result = scene.export_segment(self.slicer_app.scene, self.seg_logic, node, segment_id, self.volume_node,
-                                          dataset_dir, case, test=split == "test",
+                                          dataset_dir, case, test=check_split(split) == "test",
                                           provenance=provenance)
             self._say(f"Exported '{name}' as case {result.case} ({result.split}) to {result.dataset_dir.name}: "
                       f"{result.image_path.name}, {result.label_path.name}; numTraining {result.num_training}.",
@@ -421,11 +421,8 @@ class Workflow:
             if self.finetune_process is not None:
                 raise FemurSegError("A fine-tuning is already running.")
             dataset_dir = dataset_dir_inside(self.datasets_root, str(dataset_name or ""))
-            try:
-                budget = float(str(minutes).strip())
-            except ValueError:
-                raise FemurSegError(f"Time budget '{minutes}' is not a number of minutes.") from None
-            self.finetune_process = FinetuneProcess(dataset_dir, base=str(base or "") or None, minutes=budget)
+            budget = check_minutes(minutes)
+            self.finetune_process = FinetuneProcess(dataset_dir, base=model_by_name(base), minutes=budget)
             job = self.finetune_process.job
             with self.state:
                 self.state.update({"fs_ft_running": True, "fs_ft_progress": 0.0, "fs_ft_stage": "starting",
