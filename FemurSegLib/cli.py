@@ -225,8 +225,8 @@ def _cmd_surface(args: argparse.Namespace) -> None:
     from .imageio import check_output_path, read_label
     from .surface import surface_format, write_label_surface
 
-    surface_format(args.out_surface)
     check_output_path(args.out_surface, (args.label,), suffixes=None, what="Surface file")
+    surface_format(args.out_surface)
     options = _surface_options(args)
     check = write_label_surface(read_label(args.label), args.out_surface, options, args.value)
     print(f"surface -> {args.out_surface} ({args.coordinates}): {check.describe()}")

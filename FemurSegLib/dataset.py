@@ -81,6 +81,7 @@ STAGING_PREFIX = ".femurseg-staging-"
 JOURNAL = "journal.json"
 LISTING_MARKER = "femurseg_publishing"  # in a dataset.json whose "dataset" listing a replace wrote
 MAX_LABEL_FRACTION = 0.5
+MAX_CASE_NAME = 200  # <case>_0000.nii.gz and the provenance's <case>.json stay far inside 255 bytes
 LOCK_TIMEOUT_S = 600.0
 
 
@@ -394,6 +395,8 @@ def _check_case_name(case: str) -> None:
         raise FemurSegError(
             f"Case name '{case}' ends like an nnU-Net channel suffix (_0000); drop it, FemurSeg adds _0000 itself."
         )
+    if len(case) > MAX_CASE_NAME:  # its image is <case>_0000.nii.gz: a file name holds at most 255 bytes
+        raise FemurSegError(f"Case name '{case[:40]}...' has {len(case)} characters; use at most {MAX_CASE_NAME}.")
 
 
 def _load_volume(source: sitk.Image | str | os.PathLike, what: str) -> tuple[sitk.Image, str | None]:

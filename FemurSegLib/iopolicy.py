@@ -95,8 +95,8 @@ def require_input_file(path: str | os.PathLike, what: str) -> Path:
         raise FemurSegError(f"{what} '{shown(path)}' is a folder, not a file (a DICOM series? convert it to NRRD or "
                             "NIfTI first, e.g. with Slicer or dcm2niix).")
     if not stat.S_ISREG(mode):
-        raise FemurSegError(f"{what} '{shown(path)}' is not a regular file (a FIFO, socket or device); give an image "
-                            "file.")
+        raise FemurSegError(f"{what} '{shown(path)}' is not a regular file (a FIFO, socket or device); give a "
+                            "regular file.")
     return path
 
 
@@ -154,7 +154,7 @@ def _header_fields(path: Path) -> tuple[str, dict[str, str]]:
     return "", fields
 
 
-def detached_data_file(header: Path) -> Path | None:
+def detached_data_file(header: Path, what: str = "Image") -> Path | None:
     """The data file an NRRD or MetaImage header names (relative to the header's folder), None when the voxels are
     in the file itself. List and pattern forms (many data files) are refused: FemurSeg reads one."""
     kind, fields = _header_fields(header)
@@ -162,7 +162,7 @@ def detached_data_file(header: Path) -> Path | None:
     if value is None or (kind == "meta" and value.upper() == "LOCAL"):
         return None
     if not value or value.upper().startswith("LIST") or "%" in value:
-        raise FemurSegError(f"Image '{shown(header)}' names its voxel data as a list or pattern of files "
+        raise FemurSegError(f"{what} '{shown(header)}' names its voxel data as a list or pattern of files "
                             f"('{value[:80]}'); FemurSeg reads one data file: save it as one .nrrd, .nii.gz or .mha.")
     data = Path(value)
     return data if data.is_absolute() else header.parent / data
@@ -170,14 +170,14 @@ def detached_data_file(header: Path) -> Path | None:
 
 def check_detached_data(header: Path, allowed: Path | None, what: str) -> Path | None:
     """Refuse a detached data file that is not a regular file inside ``allowed`` (None: the header's folder)."""
-    data = detached_data_file(header)
+    data = detached_data_file(header, what)
     if data is None:
         return None
     root = resolved(allowed if allowed is not None else header.parent)
     if not resolved(data).is_relative_to(root):
         raise FemurSegError(f"{what} '{shown(header)}' takes its voxels from '{shown(data)}', outside "
                             f"'{shown(root)}'; keep the data file beside its header (or save one .nrrd/.mha file).")
-    return require_input_file(data, f"The data file of {what.lower()}")
+    return require_input_file(data, f"The data file of {what}")
 
 
 # --- outputs -------------------------------------------------------------------------------------------------------

@@ -316,7 +316,8 @@ def resolve_model(name_or_path: str | None) -> ModelInfo:
             return model
     broken = [problem for problem in problems if f"model '{name_or_path}':" in problem]
     if broken:
-        raise FemurSegError(broken[0][0].upper() + broken[0][1:].replace("skipped the", "the", 1))
+        problem = broken[0].replace("skipped the", "the", 1)
+        raise FemurSegError(problem[0].upper() + problem[1:])
     candidate = Path(name_or_path)
     if candidate.exists() or candidate.is_symlink():
         return validate_model_folder(candidate)

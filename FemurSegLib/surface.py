@@ -34,7 +34,7 @@ from vtkmodules.vtkIOXML import vtkXMLPolyDataWriter
 
 from .errors import FemurSegError
 from .imageio import check_label
-from .iopolicy import atomic_path
+from .iopolicy import atomic_path, check_output_file
 
 SURFACE_FORMATS = ("stl", "vtk", "vtp", "obj")
 COORDINATES = ("LPS", "RAS")
@@ -234,7 +234,8 @@ def write_surface(surface: vtkPolyData, path: str | os.PathLike, coordinates: st
 def write_label_surface(label: sitk.Image, path: str | os.PathLike, options: SurfaceOptions = SurfaceOptions(),
                         value: int | None = None) -> SurfaceCheck:
     """Make, check and write the surface of a label: what ``femurseg surface``, batch and the GUIs call."""
-    surface_format(path)  # refuse a wrong extension before the work
+    surface_format(path)  # refuse a wrong extension, a folder or an unwritable place before the work
+    check_output_file(path, what="Surface file")
     surface = label_surface(label, options, value)
     voxels = sitk.GetArrayViewFromImage(label)
     count = int(np.count_nonzero(voxels if value is None else voxels == value))
