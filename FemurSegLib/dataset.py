@@ -69,6 +69,7 @@ from . import __version__
 from .errors import FemurSegError
 from .imageio import (check_ct, check_label, label_image_like, mask_array, read_ct, read_label, require_same_grid,
                       write_bytes_atomic)
+from .iopolicy import read_bytes
 
 DATASET_FOLDER = re.compile(r"Dataset\d{3}_[A-Za-z0-9_\-]+")
 CASE_NAME = re.compile(r"[A-Za-z0-9_\-]+")
@@ -81,6 +82,7 @@ STAGING_PREFIX = ".femurseg-staging-"
 JOURNAL = "journal.json"
 LISTING_MARKER = "femurseg_publishing"  # in a dataset.json whose "dataset" listing a replace wrote
 MAX_LABEL_FRACTION = 0.5
+MAX_DATASET_JSON_BYTES = 256 * 1024**2  # a listing of 100 000 cases is ~20 MB
 MAX_CASE_NAME = 200  # <case>_0000.nii.gz and the provenance's <case>.json stay far inside 255 bytes
 LOCK_TIMEOUT_S = 600.0
 
@@ -316,7 +318,7 @@ def _load_dataset_json(dataset_dir: Path, label_name: str, file_ending: str,
                "file_ending": file_ending, "name": dataset_dir.name.split("_", 1)[1]}
         return new | ({"description": description} if description else {}), False
     try:
-        dataset_json = json.loads(path.read_bytes())
+        dataset_json = json.loads(read_bytes(path, "dataset.json", MAX_DATASET_JSON_BYTES))  # a regular file only
     except ValueError as error:
         raise FemurSegError(
             f"'{path}' does not parse as JSON ({error}); FemurSeg will not rewrite it. Fix or restore it, then "

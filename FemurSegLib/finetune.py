@@ -44,10 +44,11 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import SimpleITK as sitk
 
-from .dataset import (DATASET_FOLDER, STAGING_PREFIX, dataset_cases, dataset_json_problem, export_case, femur_label,
-                      recover_dataset)
+from .dataset import (DATASET_FOLDER, MAX_DATASET_JSON_BYTES, STAGING_PREFIX, dataset_cases, dataset_json_problem,
+                      export_case, femur_label, recover_dataset)
 from .errors import FemurSegError
 from .imageio import mask_array, read_ct, read_label, require_same_grid, write_bytes_atomic
+from .iopolicy import read_bytes
 from .modelschema import check_plans, load_json
 from .models import ModelInfo, check_new_model_name, resolve_model, user_models_dir
 from .precision import bfloat16_forward
@@ -122,7 +123,7 @@ def plan_finetune(dataset_dir: str | os.PathLike, base: str | None = None, name:
     if any(dataset_dir.glob(f"{STAGING_PREFIX}*")):  # an export was interrupted: finish it first
         recover_dataset(dataset_dir)
     dataset_json = _read_dataset_json(dataset_dir)
-    base_json = json.loads((base_model.trained_folder / "dataset.json").read_text())
+    base_json = load_json(base_model.trained_folder / "dataset.json", "dataset.json")
     _check_matches_base(dataset_json, base_json, dataset_dir, base_model)
     ending = dataset_json["file_ending"]
     training = {case: (images[0], label) for case, (images, label) in dataset_cases(dataset_dir, "train",
@@ -152,12 +153,12 @@ def plan_finetune(dataset_dir: str | os.PathLike, base: str | None = None, name:
 
 def _read_dataset_json(dataset_dir: Path) -> dict:
     path = dataset_dir / "dataset.json"
-    try:
-        dataset_json = json.loads(path.read_bytes())
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         raise FemurSegError(f"'{dataset_dir}' has no dataset.json: not an nnU-Net dataset. Export cases into it "
-                            "first (femurseg export).") from None
-    except (OSError, ValueError) as error:
+                            "first (femurseg export).")
+    try:
+        dataset_json = json.loads(read_bytes(path, "dataset.json", MAX_DATASET_JSON_BYTES))  # a regular file only
+    except ValueError as error:
         raise FemurSegError(f"'{path}' cannot be read as JSON ({error}).") from None
     if not isinstance(dataset_json, dict):
         raise FemurSegError(f"'{path}' is not a JSON object.")
@@ -400,7 +401,7 @@ def _read_case(job: FinetuneJob, case: str, image_path: Path, label_path: Path) 
 
 def _copy_cases(job: FinetuneJob, report: Callable[[float], None]) -> dict[str, list[str]]:
     """The training pieces written into the work dataset (with the base's dataset.json); returns case -> pieces."""
-    base_json = json.loads((job.base.trained_folder / "dataset.json").read_text())
+    base_json = load_json(job.base.trained_folder / "dataset.json", "dataset.json")
     target = job.work_dir / "raw" / _plans(job.base)["dataset_name"]
     target.mkdir(parents=True)
     write_bytes_atomic(target / "dataset.json", (json.dumps({**base_json, "numTraining": 0}, indent=4) + "\n")

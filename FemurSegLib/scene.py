@@ -30,6 +30,7 @@ from . import dataset, metrics, surface
 from .errors import FemurSegError
 from .fill import FillParameters, compute_fill
 from .imageio import check_ct, check_volume, label_image_like, mask_array, read_label, require_same_grid
+from .iopolicy import read_bytes
 from .inference import femur_sides
 
 SEGMENT_NNUNET = "Femur (nnU-Net)"
@@ -391,8 +392,8 @@ def dataset_femur_value(dataset_dir: str | os.PathLike) -> int:
     """
     path = Path(dataset_dir) / "dataset.json"
     try:
-        labels = json.loads(path.read_bytes()).get("labels")
-    except (OSError, ValueError, AttributeError):
+        labels = json.loads(read_bytes(path, "dataset.json", dataset.MAX_DATASET_JSON_BYTES)).get("labels")
+    except (FemurSegError, ValueError, AttributeError):  # missing, not a regular file, not JSON
         return 1
     femur = dataset.femur_label(labels)
     return femur[1] if femur else 1

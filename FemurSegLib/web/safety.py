@@ -141,6 +141,8 @@ def validated_upload(name: str, content: bytes, max_bytes: int, folder: Path, ki
 
     The file keeps the upload's image extension (SimpleITK picks its reader by it); on refusal it is removed.
     """
+    if kind not in ("ct", "fill"):
+        raise FemurSegError(f"Upload kind '{str(kind)[:40]}' must be ct or fill.")
     check_upload_size(name, len(content), max_bytes)
     suffix = image_suffix(name)
     if suffix not in IMAGE_SUFFIXES or suffix == ".mhd":

@@ -1418,6 +1418,14 @@ for _name, _build, _message in [
 ]:
     row(f"web upload of {_name}", _message, lambda folder, build=_build: build(folder))
 
+row("web upload of kind 'pelvis'", "must be ct or fill", lambda folder: upload_bytes(
+    folder, "scan.nrrd", ct_file(folder).read_bytes(), "pelvis"))
+row("export into a dataset whose dataset.json is a FIFO", "not a regular file", lambda folder: then(
+    (folder / "Dataset301_F").mkdir(), fifo(folder / "Dataset301_F", "dataset.json"),
+    cli("export", ct_file(folder), label_file(folder), folder / "Dataset301_F", "--case", "A")))
+row("finetune of a dataset whose dataset.json is a FIFO", "not a regular file", lambda folder: then(
+    (folder / "Dataset301_F").mkdir(), fifo(folder / "Dataset301_F", "dataset.json"),
+    cli("finetune", folder / "Dataset301_F", "--epochs", "1")))
 row("web upload over the size limit", "uploads are limited", lambda folder: web(
     lambda: safety().check_upload_size("big.nrrd", 10 * 1024**3, 512 * 1024**2)))
 row("femurseg web on a port in use (was a traceback)", "Cannot serve on 127.0.0.1:\\d+ \\(Address already in use",
@@ -1497,6 +1505,7 @@ def test_the_hostile_checkpoint_runs_code_when_unpickled(tmp_path: Path) -> None
     assert (tmp_path / MARKER).exists()
 
 
+@pytest.mark.filterwarnings("ignore:Duplicate name:UserWarning")  # the zip row that holds plans.json twice
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_input_is_refused_in_one_line_and_changes_nothing(name: str, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("FEMURSEG_MODELS_DIR", str(tmp_path / "user-models"))

@@ -190,9 +190,9 @@ def test_half_maximum_edges_in_water_only_remove_face_exposed_voxels_and_help(mo
     assert compare_images(truth, sample_result[0]).dice >= compare_images(truth, untrimmed).dice
 
 
-@pytest.mark.parametrize("step", [0.0, -0.5, 1.5])
-def test_tile_step_outside_zero_to_one_is_refused_before_loading(model, step):
-    with pytest.raises(FemurSegError, match=r"Tile step .* out of range.*\(0, 1\]"):
+@pytest.mark.parametrize("step", [0.0, -0.5, 1.5, 0.05])
+def test_tile_step_outside_its_floor_to_one_is_refused_before_loading(model, step):
+    with pytest.raises(FemurSegError, match=r"Tile step .* out of range.*\[0\.1, 1\]"):
         Segmenter(model.root, InferenceOptions(device="cpu", tile_step_size=step), notify=lambda m: None)
 
 
