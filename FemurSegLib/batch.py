@@ -40,6 +40,7 @@ from .surface import SURFACE_FORMATS, SurfaceOptions, write_label_surface
 if TYPE_CHECKING:
     from .inference import Segmenter
 
+NO_FEMUR_STATUS = "no femur"  # a case that ran and holds no femur (its row's side is "none")
 CSV_COLUMNS = ("case", "side", "status", "volume_ml", "mean_hu", "fill_dice", "truth_dice", "warnings", "error",
                "seconds", "finished", "model", "ct", "label", "overlay", "surface")
 FOLDERS = {"labels": "labels", "fill": "fill", "overlays": "overlays", "surfaces": "surfaces", "rows": "rows"}
@@ -216,7 +217,7 @@ def case_rows(case: Case, result: CaseResult, seconds: float, model: str) -> lis
             return _number(dice(femur, reference), 4)
 
         rows.append({
-            "case": case.name, "side": side, "status": "ok",
+            "case": case.name, "side": side, "status": "ok" if femurs else NO_FEMUR_STATUS,
             "volume_ml": _number(np.count_nonzero(femur) * voxel_ml, 3),
             "mean_hu": _number(float(ct_hu[femur].mean()) if femur.any() else None, 1),
             "fill_dice": agreement(result.fill), "truth_dice": agreement(result.truth),
@@ -249,7 +250,7 @@ def is_done(out_dir: Path, case: Case, record: dict) -> bool:
     """Done = an ok row file made with the same settings."""
     stored = _load_row_file(_row_file(out_dir, case.name))
     return bool(stored and stored.get("settings") == record
-                and all(row.get("status") == "ok" for row in stored["rows"]))
+                and all(row.get("status") in ("ok", NO_FEMUR_STATUS) for row in stored["rows"]))
 
 
 def write_results(out_dir: Path, title: str) -> tuple[Path, Path]:
@@ -274,8 +275,9 @@ def report_html(rows: list[dict[str, str]], title: str) -> str:
     """One self-contained page: a summary, then every row with its overlay picture (linked files)."""
     ok = [row for row in rows if row.get("status") == "ok"]
     volumes = [float(row["volume_ml"]) for row in ok if row.get("volume_ml")]
-    summary = [f"{len({row.get('case') for row in rows})} cases, {len(ok)} ok rows, "
-               f"{len(rows) - len(ok)} errors, {sum(1 for row in ok if row.get('warnings'))} with warnings"]
+    no_femur = sum(1 for row in rows if row.get("status") == NO_FEMUR_STATUS)
+    summary = [f"{len({row.get('case') for row in rows})} cases, {len(ok)} ok rows, {no_femur} with no femur, "
+               f"{len(rows) - len(ok) - no_femur} errors, {sum(1 for row in ok if row.get('warnings'))} with warnings"]
     if volumes:
         summary.append(f"femur volume {np.mean(volumes):.1f} ± {np.std(volumes):.1f} ml "
                        f"(range {min(volumes):.1f}-{max(volumes):.1f})")
@@ -294,7 +296,8 @@ def report_html(rows: list[dict[str, str]], title: str) -> str:
         link = (f'<a href="{quote(picture)}"><img src="{quote(picture)}" loading="lazy" alt="{html.escape(picture)}">'
                 "</a>") if picture else ""
         cells = "".join(f"<td>{html.escape(row.get(c, ''))}</td>" for c in shown)
-        css = ' class="error"' if row.get("status") != "ok" else ' class="warn"' if row.get("warnings") else ""
+        failed = row.get("status") not in ("ok", NO_FEMUR_STATUS)
+        css = ' class="error"' if failed else ' class="warn"' if row.get("warnings") else ""
         body.append(f"<tr{css}><td>{link}</td>{cells}</tr>")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import itertools
 import os
 import sys
 import threading
@@ -47,6 +46,7 @@ from scipy import ndimage
 from .budget import check_network_input, check_tile_step
 from .edges import fit_edges_to_half_maximum
 from .errors import FemurSegError
+from .femur_shape import HeadFit, fit_femoral_head
 from .fill import largest_component
 from .guard import check_femur, ct_warnings
 from .imageio import check_ct
@@ -62,6 +62,7 @@ MIN_FEMUR_ML = 15.0  # smaller located pieces are not femurs (a femoral head alo
 MIN_FEMUR_MEAN_HU = 100.0  # a piece that is on average water, fat or air inside is not bone (femurs: 250-800 HU)
 BRIDGE_RADIUS_MM = 3.0  # what hangs on a femur by a bridge thinner than twice this is cut off (solid_femur)
 NO_FEMUR = "no femur found"
+MAX_CANDIDATES = 4  # located pieces, the most femur-like first, that the 1 mm network segments
 
 
 class InferenceCancelled(Exception):
@@ -289,15 +290,19 @@ class Segmenter:
                 femur_masks = [solid_femur(mask, spacing) for mask in femur_masks]
         else:
             femur_masks = self._locate_and_segment(oriented, array, spacing, steps)
-        if self.options.half_maximum_edges:
-            femur_masks = [fit_edges_to_half_maximum(mask, array, spacing) for mask in femur_masks]
         if cancel.is_set():
             raise InferenceCancelled()
         report(0.96, "checking")
-        femurs, label = self._assemble(femur_masks, oriented, spacing)
+        heads: list[HeadFit | None] = [None] * len(femur_masks)
+        rejected: list[str] = []
+        if self.options.keep_largest_component:
+            femur_masks, heads, rejected = femurs_by_shape(femur_masks, array, spacing)
+        if self.options.half_maximum_edges:
+            femur_masks = [fit_edges_to_half_maximum(mask, array, spacing) for mask in femur_masks]
+        femurs, label = self._assemble(femur_masks, heads, oriented, spacing)
         all_warnings = warnings_before + [w for f in femurs for w in f.warnings]
         if not femurs:
-            all_warnings.append(NO_FEMUR)
+            all_warnings += [NO_FEMUR] + rejected
         result_label = sitk.GetImageFromArray(label)
         result_label.CopyInformation(oriented)
         if oriented is not ct:
@@ -350,30 +355,37 @@ class Segmenter:
             full = np.zeros(array.shape, dtype=bool)
             full[box] = femur
             masks.append(full)
-        return [m for m in masks if _is_bone(m, array, spacing)]
+        return masks
 
     def _components(self, mask: np.ndarray, array: np.ndarray, spacing: np.ndarray) -> list[np.ndarray]:
-        """The two largest pieces that can be femurs (``_is_bone``); all of ``mask`` when keep_largest_component
-        is off."""
+        """Up to MAX_CANDIDATES pieces that can be femurs (``_is_bone``), the most femur-like first (femoral-head
+        coverage, femur_shape.py; then size): a vertebra or the sacrum is often larger than a femur in view, so
+        size alone picks the spine. All of ``mask`` when keep_largest_component is off."""
         if not self.options.keep_largest_component:
             return [mask] if mask.any() else []
         labels, _ = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
         sizes = np.bincount(labels.ravel())[1:] * float(np.prod(spacing)) / 1000.0
-        pieces = (labels == int(index) + 1 for index in np.argsort(sizes)[::-1] if sizes[index] >= MIN_FEMUR_ML)
-        return list(itertools.islice((piece for piece in pieces if _is_bone(piece, array, spacing)), 2))
+        pieces = [labels == int(index) + 1 for index in np.argsort(sizes)[::-1] if sizes[index] >= MIN_FEMUR_ML]
+        bone = [piece for piece in pieces if _is_bone(piece, array, spacing)]
+        ranked = sorted(bone, key=lambda piece: -fit_femoral_head(piece, spacing, array).coverage)  # then by size
+        return ranked[:MAX_CANDIDATES]
 
-    def _assemble(self, masks: list[np.ndarray], oriented: sitk.Image,
+    def _assemble(self, masks: list[np.ndarray], heads: list[HeadFit | None], oriented: sitk.Image,
                   spacing: np.ndarray) -> tuple[list[Femur], np.ndarray]:
         sides = femur_sides(masks, oriented)
         label = np.zeros(oriented.GetSize()[::-1], dtype=np.uint8)
         femurs = []
-        for mask, side in zip(masks, sides):
+        for mask, head, side in zip(masks, heads, sides):
             if self.options.side != "both" and side != self.options.side:
                 continue
             value = 1 if self.options.side != "both" else LABEL_VALUES.get(side, 1)
             label[mask & (label == 0)] = value
-            check = check_femur(mask, tuple(spacing), side if side != "femur" else "the femur")
-            femurs.append(Femur(side=side, value=value, volume_ml=check.volume_ml, warnings=check.warnings))
+            name = side if side != "femur" else "the femur"
+            check = check_femur(mask, tuple(spacing), name)
+            shape_warnings = ((f"{name}: {head.describe()}; check that it is a femur",)
+                              if head is not None and head.is_borderline else ())
+            femurs.append(Femur(side=side, value=value, volume_ml=check.volume_ml,
+                                warnings=check.warnings + shape_warnings))
         return femurs, label
 
 
@@ -393,6 +405,27 @@ class _Steps:
             raise InferenceCancelled()
         self.done += 1
         self.report(self.start + (self.end - self.start) * min(1.0, self.done / self.calls), "predicting")
+
+
+def femurs_by_shape(masks: list[np.ndarray], array: np.ndarray,
+                    spacing: np.ndarray) -> tuple[list[np.ndarray], list[HeadFit], list[str]]:
+    """Of the segmented candidates, the (at most two) that are femurs: bone (``_is_bone``) with a femoral head
+    (femur_shape.py; borderline ones too, warned about), the clearest heads first, one per place (candidates
+    that overlap are one femur). Also, in words, what was left out and why."""
+    fits = [(mask, fit_femoral_head(mask, spacing, array)) for mask in masks
+            if mask.any() and _is_bone(mask, array, spacing)]
+    chosen: list[tuple[np.ndarray, HeadFit]] = []
+    rejected = []
+    for mask, head in sorted(fits, key=lambda pair: -pair[1].coverage):
+        volume = float(mask.sum()) * float(np.prod(spacing)) / 1000.0
+        if not (head.is_femur or head.is_borderline):
+            rejected.append(f"not a femur: a {volume:.0f} ml piece ({head.describe()})")
+            continue
+        if any((mask & other).sum() > 0.3 * min(mask.sum(), other.sum()) for other, _ in chosen):
+            continue
+        if len(chosen) < 2:
+            chosen.append((mask, head))
+    return [mask for mask, _ in chosen], [head for _, head in chosen], rejected
 
 
 def _is_bone(piece: np.ndarray, array: np.ndarray, spacing: np.ndarray) -> bool:

@@ -44,9 +44,15 @@ DATASET_NAME = f"Dataset{DATASET_ID}_FemurRegion"
 CONFIGURATION = "3d_femurseg"
 LOCATOR_CONFIGURATION = "3d_locator"
 MODEL_NAME = "FemurReal3dSmall"
-MODEL_VERSION = "6"
-# Share of each family among the training cases (in-vivo cases are the largest, so fewer of them).
-FAMILY_MIX = (("exvivo", 9), ("invivo", 7), ("legacy", 4))
+MODEL_VERSION = "7"
+# Share of each family among the training cases. v7 continues v6 (trained on exvivo 9, invivo 7, legacy 4) on
+# mostly clinical CTs (spine, sacrum, organs, knees, CTs without a femur), with the old families kept in the mix.
+FAMILY_MIX = (("clinical", 10), ("exvivo", 5), ("invivo", 3), ("legacy", 2))
+# Base learning rate when continuing a model's weights (--base-model): as fine-tuning does (finetune.FINETUNE_LR).
+CONTINUE_LR = 0.005
+# Regions around bones that are not femur (vertebrae, sacrum, tibia, ...), with empty labels, per case at most:
+# the 1 mm network sees what a locator's wrong find would show it, and learns to leave it out.
+NEGATIVE_REGIONS = 2
 
 
 def _architecture(features: list[int]) -> dict:
@@ -123,6 +129,34 @@ def femur_regions(ct, label, rng) -> list:
     return regions
 
 
+def negative_regions(ct, label, rng, count: int = NEGATIVE_REGIONS) -> list:
+    """(CT, empty label) boxes around bright pieces that are not femur (at least 20 ml above 250 HU and 20 mm from
+    any femur), the box of each plus a random 10-60 mm margin, at most ``count``, drawn at random."""
+    import numpy as np
+    import SimpleITK as sitk
+    from scipy import ndimage
+
+    spacing_zyx = np.array(ct.GetSpacing()[::-1])
+    femur = sitk.GetArrayViewFromImage(label) != 0
+    near_femur = ndimage.distance_transform_edt(~femur, sampling=spacing_zyx) < 20.0 if femur.any() else femur
+    bright = (sitk.GetArrayViewFromImage(ct) > 250) & ~near_femur
+    pieces, _ = ndimage.label(bright, structure=np.ones((3, 3, 3), dtype=bool))
+    sizes = np.bincount(pieces.ravel())[1:] * float(np.prod(spacing_zyx)) / 1000.0
+    candidates = [i for i in np.flatnonzero(sizes >= 20.0)]
+    regions = []
+    for index in rng.permutation(candidates)[:count] if candidates else []:
+        box = ndimage.find_objects((pieces == index + 1).astype(np.uint8))[0]
+        margin = rng.uniform(*REGION_MARGIN_MM, size=(3, 2)) / spacing_zyx[:, None]
+        start = [max(0, int(b.start - m[0])) for b, m in zip(box, margin)]
+        stop = [min(n, int(np.ceil(b.stop + m[1]))) for b, m, n in zip(box, margin, femur.shape)]
+        stop = [min(n, max(b, a + 40)) for a, b, n in zip(start, stop, femur.shape)]
+        piece_ct = sitk.RegionOfInterest(ct, [b - a for a, b in zip(start, stop)][::-1], start[::-1])
+        empty = sitk.Image(piece_ct.GetSize(), sitk.sitkUInt8)
+        empty.CopyInformation(piece_ct)
+        regions.append((piece_ct, empty))
+    return regions
+
+
 def widen_field_of_view(ct, label, rng) -> tuple:
     """(CT, label) set in a field of view wider by 0-LEGACY_WIDENING_MM a side, of air or of the CT's own
     background (its border's median and noise level); one time in three unchanged."""
@@ -168,23 +202,38 @@ def write_training_dataset(work_dir: Path, count: int) -> None:
             ct, label = widen_field_of_view(ct, label, np.random.default_rng([seed, 1]))
         provenance = {"family": family, "seed": seed, "subjects": list(info.subjects), "sides": list(info.sides)}
         export_case(ct, label, work_dir / "raw" / LOCATOR_DATASET, case, replace=True, provenance=provenance,
-                    description=description + ", whole fields of view")
+                    description=description + ", whole fields of view", force=True)  # CTs without a femur too
         rng = np.random.default_rng(seed)
-        for number, (region_ct, region_label) in enumerate(femur_regions(ct, label, rng)):
+        regions = femur_regions(ct, label, rng) + (negative_regions(ct, label, rng) if family == "clinical" else [])
+        for number, (region_ct, region_label) in enumerate(regions):
             export_case(region_ct, region_label, work_dir / "raw" / DATASET_NAME, f"{case}_{number}", replace=True,
-                        provenance=provenance, description=description + ", the region around each femur")
+                        provenance=provenance, description=description + ", the region around each femur",
+                        force=True)  # regions around other bones are empty
         (work_dir / "raw" / DATASET_NAME / "femurseg" / f"{case}.done").touch()
         print(f"case {index + 1}/{count} {case}: {list(info.size)} voxels, {time.time() - started:.0f} s", flush=True)
 
 
-def plan_and_preprocess(work_dir: Path) -> None:
+def plan_and_preprocess(work_dir: Path, base_model: Path | None = None) -> None:
+    """nnU-Net's fingerprint, planner and preprocessing; with ``base_model`` its plans instead of new ones (the
+    weights continued need the same spacing, patch and normalisation)."""
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (
         extract_fingerprints,
         plan_experiments,
         preprocess,
     )
 
-    for configuration, (dataset_id, _) in DATASETS.items():
+    from .imageio import write_bytes_atomic
+
+    for configuration, (dataset_id, dataset) in DATASETS.items():
+        if base_model is not None:
+            source = base_model / dataset / f"nnUNetTrainer__nnUNetPlans__{configuration}"
+            target = work_dir / "preprocessed" / dataset
+            target.mkdir(parents=True, exist_ok=True)
+            write_bytes_atomic(target / "nnUNetPlans.json", (source / "plans.json").read_bytes())
+            write_bytes_atomic(target / "dataset_fingerprint.json", (source / "dataset_fingerprint.json").read_bytes())
+            write_bytes_atomic(target / "dataset.json", (work_dir / "raw" / dataset / "dataset.json").read_bytes())
+            preprocess([dataset_id], configurations=(configuration,), num_processes=(2,))
+            continue
         extract_fingerprints([dataset_id], num_processes=2, check_dataset_integrity=True)
         plan_experiments([dataset_id])
         add_recipe_configuration(work_dir, configuration)
@@ -208,8 +257,9 @@ def trained_folder(work_dir: Path, configuration: str) -> Path:
 
 
 def train(work_dir: Path, configuration: str, epochs: int, iterations_per_epoch: int,
-          initial_lr: float = 0.01, threads: int | None = None) -> Path:
-    """Train fold 'all' with the plain nnUNetTrainer up to ``epochs``, resuming from the last checkpoint."""
+          initial_lr: float = 0.01, threads: int | None = None, base_model: Path | None = None) -> Path:
+    """Train fold 'all' with the plain nnUNetTrainer up to ``epochs``, resuming from the last checkpoint; a first
+    run with ``base_model`` starts from that model's weights (every layer) at CONTINUE_LR."""
     # Augmentation in the main process: as fast as 2 workers on 2 cores (DESIGN.md §4). Set only here: the
     # planner calls torch.set_num_threads(nnUNet_n_proc_DA), which refuses 0.
     os.environ["nnUNet_n_proc_DA"] = "0"
@@ -229,12 +279,17 @@ def train(work_dir: Path, configuration: str, epochs: int, iterations_per_epoch:
     trainer.num_epochs = epochs
     trainer.num_iterations_per_epoch = iterations_per_epoch
     trainer.num_val_iterations_per_epoch = 4
-    trainer.initial_lr = initial_lr
+    trainer.initial_lr = CONTINUE_LR if base_model is not None else initial_lr
     trainer.save_every = 1
     trainer.initialize()
     bfloat16_forward(trainer.network, trainer.device)  # on a CPU that has it natively: ~2x faster steps
     if resume is not None:
         trainer.load_checkpoint(str(resume))
+    elif base_model is not None:
+        checkpoint = (base_model / DATASETS[configuration][1] / f"nnUNetTrainer__nnUNetPlans__{configuration}"
+                      / "fold_all" / "checkpoint_final.pth")
+        weights = torch.load(checkpoint, map_location="cpu", weights_only=True)["network_weights"]
+        trainer.network.load_state_dict({k: v.float() for k, v in weights.items()})
     trainer.run_training()
     return Path(trainer.output_folder)
 
@@ -249,6 +304,8 @@ def add_recipe_arguments(parser) -> None:
                         help="continue the 1 mm network to each of these epoch counts in turn")
     parser.add_argument("--stage", choices=["data", "plan", "locator", "fine", "bundle", "all"], default="all",
                         help="run one phase (each resumes where it stopped) or all of them")
+    parser.add_argument("--base-model", type=Path,
+                        help="continue this model's weights with its plans (v7: the bundled v6) instead of new ones")
     parser.add_argument("--threads", type=int, help="PyTorch threads (default: all cores; 1 each lets the locator "
                                                     "and the 1 mm network train side by side on 2 cores)")
     parser.add_argument("--model-dir", type=Path,
@@ -281,14 +338,15 @@ def run_recipe(args) -> None:
         write_training_dataset(work_dir, args.cases)
         print(f"data ready after {time.time() - started:.0f} s", flush=True)
     if args.stage in ("plan", "all"):
-        plan_and_preprocess(work_dir)
+        plan_and_preprocess(work_dir, args.base_model)
         print(f"preprocessed after {time.time() - started:.0f} s", flush=True)
     if args.stage in ("locator", "all"):
-        train(work_dir, LOCATOR_CONFIGURATION, args.locator_epochs, args.iterations, threads=args.threads)
+        train(work_dir, LOCATOR_CONFIGURATION, args.locator_epochs, args.iterations, threads=args.threads,
+              base_model=args.base_model)
         print(f"locator trained after {time.time() - started:.0f} s", flush=True)
     if args.stage in ("fine", "all"):
         for epochs in args.fine_epochs:
-            train(work_dir, CONFIGURATION, epochs, args.iterations, threads=args.threads)
+            train(work_dir, CONFIGURATION, epochs, args.iterations, threads=args.threads, base_model=args.base_model)
         print(f"1 mm network trained after {time.time() - started:.0f} s", flush=True)
     if args.stage in ("bundle", "all"):
         bundle_model(work_dir, model_dir)

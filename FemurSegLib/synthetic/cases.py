@@ -26,13 +26,14 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..anatomy import load_shapes
+from .clinical import render_clinical
 from .exvivo import render_exvivo
 from .femurs import CaseInfo
 from .invivo import render_invivo
 from .phantom import generate_phantom
 
-FAMILIES = ("legacy", "exvivo", "invivo")
-_FAMILY_SEED = {"legacy": 0, "exvivo": 1, "invivo": 2}
+FAMILIES = ("legacy", "exvivo", "invivo", "clinical")
+_FAMILY_SEED = {"legacy": 0, "exvivo": 1, "invivo": 2, "clinical": 3}
 
 
 def generate_case(family: str, seed: int, held_out: bool = False,
@@ -56,4 +57,6 @@ def generate_case(family: str, seed: int, held_out: bool = False,
         return render_exvivo(rng, seed, femurs, held_out, scan)
     if scan is not None:
         raise ValueError("a scan profile applies to the ex-vivo family only")
+    if family == "clinical":
+        return render_clinical(rng, seed, femurs, held_out)
     return render_invivo(rng, seed, femurs, held_out)

@@ -166,6 +166,7 @@ class Intensities:
     noise_hu: float
     blur_mm: float
     texture_mm: float
+    cortex_scale: float = 1.0  # below 1: the thin cortex of osteoporotic bone
 
 
 def draw_intensities(rng: np.random.Generator, in_vivo: bool) -> Intensities:
@@ -191,7 +192,7 @@ def paint_femur(hu: np.ndarray, grid: Grid, voxels: Voxelised, femur: PlacedFemu
         inside &= z >= cut_z
         sdf = np.maximum(sdf, (cut_z - z).astype(np.float32))
     to_shaft = np.clip((femur.lesser_trochanter - 25.0 - z) / 45.0, 0.0, 1.0)  # 0 at the neck, 1 in the shaft
-    cortex_mm = rng.uniform(0.7, 2.0) * (1 - to_shaft) + rng.uniform(2.5, 6.0) * to_shaft
+    cortex_mm = (rng.uniform(0.7, 2.0) * (1 - to_shaft) + rng.uniform(2.5, 6.0) * to_shaft) * look.cortex_scale
     texture = smooth_noise(rng, inside.shape, look.texture_mm / grid.spacing[::-1])
     marrow_weight = np.clip((femur.lesser_trochanter - 30.0 - z) / 30.0, 0.0, 1.0)
     trabecular = np.clip(look.trabecular_hu + 90.0 * texture, 20.0, 650.0)

@@ -29,7 +29,7 @@ def render_invivo(rng: np.random.Generator, seed: int, femurs: list[AnatomyShape
 
     look = draw_intensities(rng, in_vivo=True)
     joint_space = float(rng.uniform(1.5, 4.0))
-    pelvis, hips = _place_pelvis(hemipelves, np.mean([f.head_radius for f in placed.values()]) + joint_space)
+    pelvis, hips = place_pelvis(hemipelves, np.mean([f.head_radius for f in placed.values()]) + joint_space)
     half_width = float(hips["left"][0] - hips["right"][0]) / 2
     # Patient frame (LPS, x = 0 midway between the hips): each femur sits in its acetabulum, turned a little.
     hip_rotation = {side: random_rotation(rng, 10.0) for side in hips}
@@ -86,7 +86,7 @@ def render_invivo(rng: np.random.Generator, seed: int, femurs: list[AnatomyShape
     return ct, grid.image(label), info
 
 
-def _place_pelvis(hemipelves: dict[str, AnatomyShape],
+def place_pelvis(hemipelves: dict[str, AnatomyShape],
                   acetabulum_radius: float) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Both hemipelves in the patient frame (their source's, origin midway between the acetabula), scaled so that
     their cups have ``acetabulum_radius``; also the hip centres."""
