@@ -263,7 +263,7 @@ def check_output_path(path: str | os.PathLike, inputs: tuple[str | os.PathLike, 
     if suffixes is not None and image_suffix(path) not in suffixes:
         raise FemurSegError(f"{what} '{path}' must end in {', '.join(suffixes)}: other formats (e.g. .png) cannot "
                             "hold a 3D label.")
-    return check_output_file(path, inputs, input_folders, what)
+    return check_output_file(path, what=what)  # the inputs were checked above
 
 
 def same_grid(a: sitk.Image, b: sitk.Image, tolerance: float = 1e-4) -> bool:

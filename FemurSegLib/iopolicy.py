@@ -182,11 +182,6 @@ def check_detached_data(header: Path, allowed: Path | None, what: str) -> Path |
 
 # --- outputs -------------------------------------------------------------------------------------------------------
 
-def same_file(a: Path, b: Path) -> bool:
-    """The same path once resolved, or the same file through a symlink or hard link (device and inode)."""
-    return InputFiles([b]).find(a) is not None
-
-
 def inside(path: Path, folder: Path) -> bool:
     """``path`` is ``folder`` or lies under it, links resolved."""
     return resolved(path).is_relative_to(resolved(folder))
@@ -261,9 +256,6 @@ def prepare_output_folder(folder: str | os.PathLike, inputs: Iterable[str | os.P
                           input_folders: Iterable[str | os.PathLike] = (), what: str = "Output folder") -> Path:
     """Create ``folder`` if needed, after checking it against the inputs, and make sure it takes a write."""
     folder = check_against_inputs(folder, inputs, input_folders, what)
-    for source in input_folders:  # an input folder inside the output folder's written part is caught per file
-        if same_file(folder, Path(source)):
-            raise FemurSegError(f"{what} '{shown(folder)}' is the input folder '{shown(source)}'; choose another.")
     if folder.exists() and not folder.is_dir():
         raise FemurSegError(f"{what} '{shown(folder)}' is a file; choose a folder name.")
     try:
