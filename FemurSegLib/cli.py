@@ -66,12 +66,13 @@ def _fill_parameters(args: argparse.Namespace):
 
 
 def _cmd_fill(args: argparse.Namespace) -> None:
+    from .budget import check_fill
     from .fill import compute_fill
     from .imageio import check_output_path, read_ct, write_image
 
     check_output_path(args.out_label, (args.ct,))
     parameters = _fill_parameters(args)
-    ct = read_ct(args.ct)
+    ct = read_ct(args.ct, header_check=lambda size, spacing: check_fill(size, spacing, parameters.closing_radius_mm))
     fill = compute_fill(ct, parameters)
     write_image(fill, args.out_label)
     print(f"fill ({args.threshold:g} HU) -> {args.out_label}")

@@ -19,6 +19,7 @@ import os
 import struct
 import zlib
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import SimpleITK as sitk
@@ -45,14 +46,17 @@ def image_suffix(path: str | os.PathLike) -> str:
     return Path(path).suffix.lower()
 
 
+HeaderCheck = Callable[[tuple[int, ...], tuple[float, ...]], None]  # (size, spacing) -> raises FemurSegError
+
+
 def read_image(path: str | os.PathLike, what: str = "image", data_root: Path | None = None,
-               detached: bool = True) -> sitk.Image:
+               detached: bool = True, header_check: HeaderCheck | None = None) -> sitk.Image:
     """Read a 3D scalar image, or raise FemurSegError saying why it cannot be used.
 
     The file must be a regular file (iopolicy.require_input_file); a detached header's data file must be one too,
     inside ``data_root`` (default: the header's folder), and is refused outright when ``detached`` is False (an
     upload holds one file). The header is checked before the voxels are read (no gigabytes read for a 4D file or
-    an absurd size).
+    an absurd size), with ``header_check(size, spacing)`` too: what the caller will need (budget.check_fill).
     """
     if not isinstance(path, (str, os.PathLike)):
         raise FemurSegError(f"The {what} path must be text, not {type(path).__name__}.")
@@ -74,6 +78,8 @@ def read_image(path: str | os.PathLike, what: str = "image", data_root: Path | N
         ) from None
     _check_layout(reader.GetDimension(), reader.GetNumberOfComponents(), reader.GetSize(), named)
     _check_direction(reader.GetDirection(), named)
+    if header_check is not None:
+        header_check(reader.GetSize(), reader.GetSpacing())
     _check_complete(path, named)
     try:
         image = reader.Execute()
@@ -89,9 +95,9 @@ def read_image(path: str | os.PathLike, what: str = "image", data_root: Path | N
 
 
 def read_ct(path: str | os.PathLike, what: str = "CT", data_root: Path | None = None,
-            detached: bool = True) -> sitk.Image:
-    """Read a CT and refuse what cannot be segmented (see check_ct; data_root and detached as for read_image)."""
-    image = read_image(path, what, data_root, detached)
+            detached: bool = True, header_check: HeaderCheck | None = None) -> sitk.Image:
+    """Read a CT and refuse what cannot be segmented (see check_ct; the options as for read_image)."""
+    image = read_image(path, what, data_root, detached, header_check)
     check_ct(image, f"{what} '{path}'")
     return image
 
