@@ -235,6 +235,25 @@ def _cmd_surface(args: argparse.Namespace) -> None:
         print(f"femurseg: warning: {problem}", file=sys.stderr)
 
 
+def _cmd_fe(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from .fe.pipeline import FEOptions, run_fe
+
+    formats = tuple(f.strip().lower() for f in args.formats.split(",") if f.strip())
+    options = FEOptions(element_size=args.element_size, quadratic=args.quadratic, law=args.law, bins=args.bins,
+                        formats=formats, value=args.value, solve=args.solve)
+    result = run_fe(args.ct, args.label, args.out_dir, args.calibration, options, notify=print)
+    for warning in result.warnings:
+        print(f"femurseg: warning: {warning}", file=sys.stderr)
+    moduli = result.model.modulus_mpa
+    print(f"E {moduli.min():.0f}-{moduli.max():.0f} MPa (median {float(np.median(moduli)):.0f}) in "
+          f"{result.model.bins.count} material bins ({args.law})")
+    if result.stiffness_n_mm is not None:
+        print(f"stance stiffness (distal end fixed, head pushed along the shaft): {result.stiffness_n_mm:.0f} N/mm")
+    print(f"-> {', '.join(str(path) for path in result.files.values())}")
+
+
 def _cmd_batch(args: argparse.Namespace) -> None:
     from .batch import BatchSettings, parse_shard, run_batch, text_progress
 
@@ -389,6 +408,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--value", type=int, help="only voxels with this label value (default: every non-zero voxel)")
     _add_surface_arguments(p)
     p.set_defaults(func=_cmd_surface)
+
+    p = sub.add_parser("fe", help="finite-element model of a femur label: tetrahedra, calibrated density and moduli; "
+                                  "Abaqus .inp, FEBio .feb, Ansys .cdb, VTK .vtu",
+                       description="Meshes the label with tetrahedra (pytetwild), maps each element's density and "
+                                   "Young's modulus from the CT (integrated over the element), names the load-case "
+                                   "node sets, checks that the stance case solves, and writes OUT_DIR/femur.<format> "
+                                   "and femur.json (provenance). Units mm, N, MPa; LPS coordinates.")
+    p.add_argument("ct", help=f"CT in HU {volume}")
+    p.add_argument("label", help="the corrected femur label, on the CT's grid, one solid piece")
+    p.add_argument("out_dir", help="output folder (created)")
+    p.add_argument("--calibration", default="internal",
+                   help="rods.csv (columns density_mg_cm3, hu; optional name, material HA|K2HPO4) or rods.json, or "
+                        "'internal' (default: air, fat, muscle and cortex of the scan, nominal densities)")
+    p.add_argument("--law", choices=["morgan", "keyak", "keller"], default="morgan",
+                   help="density-modulus law (default morgan: Schileo 2008 + Morgan 2003; keyak: K2HPO4 piecewise; "
+                        "keller: 10500 rho_ash^2.29)")
+    p.add_argument("--element-size", type=float, default=2.0,
+                   help="target tetrahedron edge in mm (default 2; ~1 for ex-vivo QCT)")
+    p.add_argument("--quadratic", action="store_true", help="10-node tetrahedra (C3D10, SOLID187, tet10)")
+    p.add_argument("--formats", default="inp,feb,cdb,vtu", help="comma-separated, of inp, feb, cdb, vtu (default all)")
+    p.add_argument("--bins", type=int, default=100,
+                   help="material bins for .inp and .cdb (default 100; .feb and .vtu keep every element's E)")
+    p.add_argument("--value", type=int, help="label value of the femur to mesh (for a label with both femurs)")
+    p.add_argument("--solve", action=argparse.BooleanOptionalAction, default=True,
+                   help="solve the stance case as a check and report the stiffness (default on)")
+    p.set_defaults(func=_cmd_fe)
 
     p = sub.add_parser("batch", help="segment a folder or CSV of CTs with one loaded model; results.csv and a report",
                        description="Per case: the label, an overlay PNG and a row in OUT_DIR/results.csv, plus "

@@ -20,7 +20,8 @@ import SimpleITK as sitk
 
 from .. import __version__
 from ..errors import FemurSegError
-from ..imageio import prepare_output_folder, read_ct, read_label, require_same_grid, write_bytes_atomic
+from ..imageio import (check_output_path, prepare_output_folder, read_ct, read_label, require_same_grid,
+                       write_bytes_atomic)
 from .calibration import Calibration, internal_calibration, read_rods
 from .loadcases import find_load_cases
 from .mapping import map_materials, points_per_direction
@@ -116,12 +117,9 @@ def run_fe(ct_path: str | os.PathLike, label_path: str | os.PathLike, out_dir: s
     out_dir = prepare_output_folder(out_dir)
     files = output_files(out_dir, options.formats)
     provenance_path = out_dir / f"{STEM}.json"
-    inputs = {Path(ct_path).resolve(), Path(label_path).resolve()}
-    if calibration != "internal":
-        inputs.add(Path(calibration).resolve())
+    inputs = (ct_path, label_path) + (() if calibration == "internal" else (calibration,))
     for path in [*files.values(), provenance_path]:
-        if path.resolve() in inputs:
-            raise FemurSegError(f"Output '{path}' is one of the inputs; choose another output folder.")
+        check_output_path(path, inputs, suffixes=None, what="FE model file")
     ct = read_ct(ct_path)
     label = read_label(label_path)
     require_same_grid(ct, label, "the CT", "the label")

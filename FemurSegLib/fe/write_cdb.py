@@ -16,7 +16,8 @@ def write_cdb(model: FEModel, path: str | os.PathLike) -> None:
     from mapdl_archive import save_as_archive
 
     kind = pyvista.CellType.QUADRATIC_TETRA if model.quadratic else pyvista.CellType.TETRA
-    grid = pyvista.UnstructuredGrid({kind: model.cells.astype(np.int64)}, model.points)
+    grid = pyvista.UnstructuredGrid({kind: np.ascontiguousarray(model.cells, dtype=np.int64)},
+                                   np.ascontiguousarray(model.points))
     grid.cell_data["ansys_material_type"] = (model.bins.index + 1).astype(np.int32)
     for name, nodes in model.node_sets.items():
         grid.point_data[name] = np.isin(np.arange(len(model.points)), nodes)
