@@ -313,7 +313,7 @@ def label_image_like(mask: np.ndarray, reference: sitk.Image, value: int = 1) ->
 
 def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> None:
     """Write ``image`` atomically; the file appears under ``path`` complete or not at all."""
-    with atomic_path(path, image_suffix(path) or ".tmp") as temporary:
+    with atomic_path(path) as temporary:
         try:
             sitk.WriteImage(image, str(temporary), compress)
         except RuntimeError as error:  # e.g. "_nrrdGzClose: failed to flush pending data" for a full disk

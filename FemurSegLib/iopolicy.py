@@ -290,14 +290,23 @@ def disk_full_message(path: Path, error: BaseException | None = None) -> str | N
     return None
 
 
+def file_suffix(name: str) -> str:
+    """The extension a writer picks its format by (``.nii.gz`` and ``.seg.nrrd`` are one), ``.tmp`` for none."""
+    for double in (".nii.gz", ".seg.nrrd"):
+        if name.lower().endswith(double):
+            return name[-len(double):].lower()
+    return Path(name).suffix.lower() or ".tmp"
+
+
 @contextlib.contextmanager
-def atomic_path(final_path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
-    """Yield a temporary path beside ``final_path``; rename it into place only if the block succeeds."""
+def atomic_path(final_path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``final_path`` that ends like it (or in ``suffix``: writers pick their format
+    by it); rename it into place only if the block succeeds."""
     final_path = check_name(final_path, "Output")
     folder = final_path.parent
     if not folder.is_dir():
         raise FemurSegError(f"Output folder '{shown(folder)}' does not exist; create it first.")
-    prefix, tail = temporary_affixes(final_path.name, suffix)
+    prefix, tail = temporary_affixes(final_path.name, suffix or file_suffix(final_path.name))
     try:
         handle, temporary = tempfile.mkstemp(prefix=prefix, suffix=tail, dir=folder)
     except OSError as error:
@@ -324,5 +333,5 @@ def atomic_path(final_path: str | os.PathLike, suffix: str = ".tmp") -> Iterator
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` atomically (see atomic_path)."""
-    with atomic_path(path, Path(path).suffix or ".tmp") as temporary:
+    with atomic_path(path) as temporary:
         temporary.write_bytes(data)
