@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import csv
 import functools
 import hashlib
 import io
@@ -1587,7 +1588,26 @@ def test_a_name_of_250_bytes_is_written_through_a_temporary_name_within_255(tmp_
 
 def test_the_worker_still_segments_after_every_bad_request(tmp_path):
     """The worker rows above all went to one process: it must still be alive and do a good request."""
-    from FemurSegLib.demo import SAMPLE_CT
-
-    outcome = worker_request(request(ct=str(SAMPLE_CT), out=str(tmp_path / "femur.nrrd"))).run()
+    outcome = worker_request(request(ct=str(ct_file(tmp_path)), out=str(tmp_path / "femur.nrrd"))).run()
     assert outcome.code == 0 and (tmp_path / "femur.nrrd").is_file()
+
+
+def test_a_batch_with_a_245_character_name_and_a_fifo_data_file_runs_to_its_end(tmp_path, monkeypatch):
+    """Both aborted or hung every run: the long name's temporary files passed 255 bytes, the FIFO never ended. (The
+    batch uses the suite's already loaded bundled Segmenter instead of loading its own copy.)"""
+    from FemurSegLib import batch
+    from FemurSegLib.batch import BatchSettings, run_batch
+
+    monkeypatch.setattr(batch, "_load_segmenter", lambda root, device: bundled_segmenter())
+    cts = cohort(tmp_path, count=0)
+    long_name = "c" * 245
+    ct_file(cts, f"{long_name}.nrrd")
+    fifo(cts, "voxels.raw")
+    detached(cts, "piped.nrrd", "voxels.raw")
+    before = snapshot(cts)
+    summary = run_batch(cts, tmp_path / "out", BatchSettings(device="cpu"))
+    rows = {row["case"]: row for row in csv.DictReader(open(tmp_path / "out" / "results.csv"))}
+    assert summary.total == 2 and summary.errors == 1
+    assert rows["piped"]["status"] == "error" and "not a regular file" in rows["piped"]["error"]
+    assert rows[long_name]["status"] != "error" and (tmp_path / "out" / "labels" / f"{long_name}.nrrd").is_file()
+    assert snapshot(cts) == before
