@@ -36,7 +36,7 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
 def run_demo(out_dir: Path, device: str = "auto") -> dict[str, dict[str, float]]:
     from .report import montage_png, overlay_png
 
-    prepare_output_folder(out_dir)
+    prepare_output_folder(out_dir, input_folders=(SAMPLE_DIR, BUNDLED_MODELS_DIR))  # what the demo reads
     ct = read_image(SAMPLE_CT, "sample CT")
     truth = read_image(SAMPLE_LABEL, "sample label")
     masks: dict[str, sitk.Image] = {"truth": truth}

@@ -1265,6 +1265,12 @@ for _name, _argv, _message in [
     row(_name, _message, lambda folder, argv=_argv: cli(*argv(folder)))
 
 
+for _name, _out in [("the bundled sample data", REPO / "Resources" / "SampleData" / "out"),
+                    ("the bundled models", BUNDLED_MODELS_DIR)]:
+    row(f"demo --out into {_name}", "inside the input folder", lambda folder, out=_out: Attempt(
+        cli("demo", "--out", out).run, also_unchanged=(REPO / "Resources" / "SampleData", BUNDLED_MODELS_DIR)))
+
+
 def collinear(folder: Path, zero: bool = False) -> Path:
     """An NRRD whose space directions are parallel (or one is zero): ITK's reader takes it, the voxels have no place."""
     raw_voxels(folder / "v.raw")
