@@ -240,8 +240,8 @@ def _row_file(out_dir: Path, name: str) -> Path:
 
 def _load_row_file(path: Path) -> dict | None:
     try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
+        record = json.loads(read_bytes(path, "Row file", MAX_CSV_BYTES))  # a regular file: a FIFO would hang
+    except (FemurSegError, ValueError):
         return None  # unreadable: the case is simply not done
     return record if isinstance(record, dict) and isinstance(record.get("rows"), list) else None
 

@@ -1617,3 +1617,11 @@ def test_a_batch_with_a_245_character_name_and_a_fifo_data_file_runs_to_its_end(
     assert rows["piped"]["status"] == "error" and "not a regular file" in rows["piped"]["error"]
     assert rows[long_name]["status"] != "error" and (tmp_path / "out" / "labels" / f"{long_name}.nrrd").is_file()
     assert snapshot(cts) == before
+
+
+def test_a_fifo_planted_as_a_batch_row_file_counts_as_not_done(tmp_path):
+    from FemurSegLib.batch import Case, is_done
+
+    (tmp_path / "rows").mkdir()
+    fifo(tmp_path / "rows", "x.json")
+    assert not is_done(tmp_path, Case("x", tmp_path / "x.nrrd"), {})
