@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .errors import FemurSegError
 from .iopolicy import DISK_FULL, shown
+from .synthetic import CLINICAL_VIEWS
 from .training import add_recipe_arguments
 
 
@@ -47,11 +48,14 @@ def _cmd_phantom(args: argparse.Namespace) -> None:
 
     check_output_path(args.out_ct, what="Output CT")
     check_output_path(args.out_label, (args.out_ct,), what="Output label")
-    ct, label, info = generate_case(args.family, args.seed, held_out=args.held_out)
+    if args.view and args.family != "clinical":
+        raise FemurSegError("--view applies to --family clinical only.")
+    ct, label, info = generate_case(args.family, args.seed, held_out=args.held_out, view=args.view)
     write_image(ct, args.out_ct)
     write_image(label, args.out_label)
     spacing = " x ".join(f"{s:.2f}" for s in info.spacing)
-    print(f"{info.family} phantom seed {args.seed}: {' and '.join(info.sides)} femur ({', '.join(info.subjects)}), "
+    femurs = f"{' and '.join(info.sides)} femur" if info.sides else "no femur"
+    print(f"{info.family} phantom seed {args.seed}: {femurs} ({', '.join(info.subjects)}), "
           f"size {list(info.size)}, spacing {spacing} mm -> {args.out_ct}, {args.out_label}")
 
 
@@ -301,9 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("phantom", help="write a synthetic proximal femur CT and its exact label")
     p.add_argument("out_ct", help=f"CT to write {volume}")
     p.add_argument("out_label", help=f"exact femur label to write {volume}")
-    p.add_argument("--family", choices=["legacy", "exvivo", "invivo"], default="legacy",
+    p.add_argument("--family", choices=["legacy", "exvivo", "invivo", "clinical"], default="legacy",
                    help="legacy: SDF phantom (the sample's kind); exvivo: real femur shape, potted, any pose; "
-                        "invivo: clinical hip CT with both femurs and the pelvis")
+                        "invivo: clinical hip CT with both femurs and the pelvis; clinical: pelvis, abdomen or leg "
+                        "CT with spine, sacrum, organs and knees, femurs in view or none")
+    p.add_argument("--view", choices=CLINICAL_VIEWS,
+                   help="clinical family: the kind of field of view (spine and legs hold no femur); default drawn")
     p.add_argument("--seed", type=_count, default=1, help="phantom number; the same seed gives the same volume")
     p.add_argument("--held-out", action="store_true",
                    help="use held-out subjects' shapes (never used for training; for testing a model)")

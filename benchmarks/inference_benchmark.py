@@ -1,7 +1,9 @@
 """FemurSeg's engine vs stock nnUNetPredictor defaults on the same weights vs fill, per phantom family, side by side.
 
-Held-out cases only: legacy phantom seeds 1..N (training used seeds >= 1000), and ex-vivo / in-vivo renders of the
-held-out subjects (Resources/Anatomy, ``held_out=True``), seeds 1..N. Each engine runs in its own child process,
+Held-out cases only: legacy phantom seeds 1..N (training used seeds >= 1000), and ex-vivo / in-vivo / clinical
+renders of the held-out subjects (Resources/Anatomy, ``held_out=True``), seeds 1..N. ``--no-femur M`` adds M
+held-out clinical CTs without a femur (the lumbar spine or upper abdomen, the lower legs; seeds 1..M), on which
+every femur FemurSeg reports is wrong. Each engine runs in its own child process,
 so load time, cold start and peak RSS are its own:
 
 - femurseg: ``inference.Segmenter`` defaults (locator, then the 1 mm network on each femur's region; no mirroring,
@@ -15,8 +17,8 @@ Scores per femur: Dice, ASD, HD95 (FemurSegLib.metrics), and for in-vivo cases w
 right. Fill (Pahr & Zysset re-implementation) is scored the same way. ``--clinical`` adds one clinical-size in-vivo
 CT (a held-out render resampled to 512 x 512 x 300 at 0.7 x 0.7 x 0.7 mm): seconds and peak RSS of FemurSeg.
 
-    python benchmarks/inference_benchmark.py [--cases 5] [--families legacy exvivo invivo] [--stock FAMILY ...]
-                                             [--fp32] [--clinical] [--json OUT]
+    python benchmarks/inference_benchmark.py [--cases 5] [--families legacy exvivo invivo clinical]
+                                             [--stock FAMILY ...] [--no-femur 50] [--fp32] [--clinical] [--json OUT]
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 ENGINES = ("femurseg", "femurseg-fp32", "stock")
-FAMILIES = ("legacy", "exvivo", "invivo")
+FAMILIES = ("legacy", "exvivo", "invivo", "clinical")
+NO_FEMUR_VIEWS = ("spine", "legs")  # clinical fields of view that hold no femur
 sys.path.insert(0, str(REPO))
 
 
@@ -182,6 +185,8 @@ def main() -> None:
     parser.add_argument("--fp32", action="store_true",
                         help="add FemurSeg in float32 (by default it runs in bfloat16 on a CPU with native bfloat16)")
     parser.add_argument("--clinical", action="store_true", help="add the 512 x 512 x 300 in-vivo case (FemurSeg)")
+    parser.add_argument("--no-femur", type=int, default=0, metavar="M",
+                        help="add M held-out clinical CTs that hold no femur; count the femurs reported")
     parser.add_argument("--model", help="model name or folder (default: the bundled model)")
     parser.add_argument("--json", type=Path, help="write every figure as JSON")
     parser.add_argument("--card", action="store_true", help="write the held-out means into the model card")
@@ -211,8 +216,16 @@ def main() -> None:
                 sitk.WriteImage(truth, str(out_dir / f"{case}_truth.nrrd"), True)
                 infos[case] = {"family": family, "sides": list(info.sides), "details": info.details,
                                "subjects": list(info.subjects)}
+                if family == "clinical" and not info.sides:  # a drawn field of view without a femur
+                    infos[case] = {"family": "no femur", "view": info.details["view"]}
+        for seed in range(1, args.no_femur + 1):
+            case = f"nofemur{seed}"
+            ct, truth, info = generate_case("clinical", seed, held_out=True,
+                                            view=NO_FEMUR_VIEWS[seed % len(NO_FEMUR_VIEWS)])
+            sitk.WriteImage(ct, str(out_dir / f"{case}_ct.nrrd"), True)
+            infos[case] = {"family": "no femur", "view": info.details["view"]}
         cases = list(infos)
-        stock_cases = [case for case in cases if infos[case]["family"] in args.stock]
+        stock_cases = [case for case in cases if infos[case]["family"] in args.stock and infos[case].get("sides")]
         runs = {"femurseg": run_engine("femurseg", cases, out_dir, args.model)}
         if args.fp32:
             runs["femurseg-fp32"] = run_engine("femurseg-fp32", cases, out_dir, args.model)
@@ -223,6 +236,12 @@ def main() -> None:
         results["runs"] = runs
         for case in cases:
             info = infos[case]
+            if info["family"] == "no femur":
+                found = sitk.GetArrayViewFromImage(sitk.ReadImage(str(out_dir / f"{case}_femurseg.nrrd")))
+                results.setdefault("no_femur", []).append(
+                    {"case": case, "view": info["view"], "femurs_reported": int(len(np.unique(found)) - 1),
+                     "seconds": runs["femurseg"].get("times_s", {}).get(case)})
+                continue
             truth = sitk.ReadImage(str(out_dir / f"{case}_truth.nrrd"))
             ct = sitk.ReadImage(str(out_dir / f"{case}_ct.nrrd"))
             spacing = tuple(reversed(truth.GetSpacing()))
@@ -260,7 +279,15 @@ def main() -> None:
                   f"{seconds_text}")
         wins = sum(f["dice"] > g["dice"] for f, g in zip(methods["femurseg"], methods["fill"]))
         print(f"{family:8s} FemurSeg beats fill on {wins}/{len(methods['femurseg'])} femurs (Dice)")
-    print(f"{'engine':18s}{'load s':>8s}{'cold 1st s':>12s}{'warm s/vol':>12s}{'peak RSS GiB':>14s}")
+    empty = results.get("no_femur", [])
+    if empty:
+        views = {view: sum(1 for row in empty if row["view"] == view) for view in sorted({r["view"] for r in empty})}
+        clean = sum(1 for row in empty if row["femurs_reported"] == 0)
+        print(f"no femur: {len(empty)} held-out CTs ({', '.join(f'{v} {n}' for v, n in views.items())}): "
+              f"{clean}/{len(empty)} with 0 femurs reported, {sum(r['femurs_reported'] for r in empty)} femurs "
+              "reported in all")
+        summary["no femur"] = {"cases": len(empty), "clean": clean}
+        print(f"{'engine':18s}{'load s':>8s}{'cold 1st s':>12s}{'warm s/vol':>12s}{'peak RSS GiB':>14s}")
     for engine, run in runs.items():
         times = list(run["times_s"].values())
         warm = float(np.median(times[1:] or times))
@@ -272,8 +299,8 @@ def main() -> None:
         from FemurSegLib.training import write_model_card
 
         model = resolve_model(args.model)
-        held_out = {family: {**values["femurseg"], "fill dice": values["fill"]["dice"]}
-                    for family, values in summary.items()}
+        held_out = {family: ({**values["femurseg"], "fill dice": values["fill"]["dice"]} if "femurseg" in values
+                             else values) for family, values in summary.items()}
         write_model_card(model.root, model.card.get("training", {}), held_out)
 
 

@@ -36,13 +36,16 @@ FAMILIES = ("legacy", "exvivo", "invivo", "clinical")
 _FAMILY_SEED = {"legacy": 0, "exvivo": 1, "invivo": 2, "clinical": 3}
 
 
-def generate_case(family: str, seed: int, held_out: bool = False,
-                  scan: tuple[float, float] | None = None) -> tuple[sitk.Image, sitk.Image, CaseInfo]:
+def generate_case(family: str, seed: int, held_out: bool = False, scan: tuple[float, float] | None = None,
+                  view: str | None = None) -> tuple[sitk.Image, sitk.Image, CaseInfo]:
     """(CT int16 HU, uint8 femur label, CaseInfo) for ``family`` and ``seed``; the same inputs give the same case.
 
     ``scan`` (ex-vivo only): a scanner's (in-plane, slice) spacing in mm, the slices across the specimen's shaft,
     instead of the drawn grid; the same specimen, pose and look as without it, rendered on that grid, so the label
-    stays exact there (the field of view is narrowed if the grid would exceed MAX_VOXELS)."""
+    stays exact there (the field of view is narrowed if the grid would exceed MAX_VOXELS).
+
+    ``view`` (clinical only): the kind of field of view (clinical.FIELDS_OF_VIEW, e.g. "spine" or "legs": no
+    femur), instead of the drawn one; the rest of the case is drawn as without it."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {', '.join(FAMILIES)}")
     if family == "legacy":
@@ -58,5 +61,7 @@ def generate_case(family: str, seed: int, held_out: bool = False,
     if scan is not None:
         raise ValueError("a scan profile applies to the ex-vivo family only")
     if family == "clinical":
-        return render_clinical(rng, seed, femurs, held_out)
+        return render_clinical(rng, seed, femurs, held_out, view)
+    if view is not None:
+        raise ValueError("a view applies to the clinical family only")
     return render_invivo(rng, seed, femurs, held_out)

@@ -20,21 +20,24 @@ from __future__ import annotations
 import numpy as np
 
 from ..anatomy import AnatomyShape, load_shapes
+from . import CLINICAL_VIEWS
 from .femurs import (CaseInfo, PlacedFemur, draw_intensities, fit_voxels, grid_around, paint_femur, place_femur,
                      random_rotation, vary)
 from .invivo import place_pelvis
 from .render import Grid, blur, bone_hu, smooth_noise, voxelise
 
 # Kinds of field of view and their shares of the cases (superior-inferior ranges are drawn in _field_of_view).
-FIELDS_OF_VIEW = (("hip", 0.2), ("abdomen", 0.22), ("runoff", 0.1), ("one_hip", 0.13), ("spine", 0.2),
-                  ("legs", 0.15))
+FIELDS_OF_VIEW = tuple(zip(CLINICAL_VIEWS, (0.2, 0.22, 0.1, 0.13, 0.2, 0.15)))
 NO_FEMUR_VIEWS = ("spine", "legs")
 # OpenSim geometry (x anterior, y up, z right; Resources/Anatomy) -> LPS (x left, y posterior, z superior).
 _OPENSIM_TO_LPS = np.array([[0.0, 0.0, -1.0], [-1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
 
 
-def render_clinical(rng: np.random.Generator, seed: int, femurs: list[AnatomyShape], held_out: bool):
-    view = str(rng.choice([name for name, _ in FIELDS_OF_VIEW], p=[share for _, share in FIELDS_OF_VIEW]))
+def render_clinical(rng: np.random.Generator, seed: int, femurs: list[AnatomyShape], held_out: bool,
+                    view: str | None = None):
+    """A clinical CT; ``view`` (one of FIELDS_OF_VIEW) fixes the kind of field of view, else it is drawn."""
+    drawn = str(rng.choice([name for name, _ in FIELDS_OF_VIEW], p=[share for _, share in FIELDS_OF_VIEW]))
+    view = view or drawn
     needs_whole = view in ("runoff", "legs")
     placed, subject = _femur_pair(rng, femurs, whole=needs_whole)
     look = draw_intensities(rng, in_vivo=True)

@@ -206,7 +206,8 @@ def test_rows_of_an_empty_label_and_of_comparisons():
     empty.CopyInformation(ct)
     case = batch.Case("x", Path("x.nrrd"))
     row, = batch.case_rows(case, batch.CaseResult(ct, empty, warnings=["no femur found"]), 1.0, "m")
-    assert row["side"] == "none" and row["warnings"] == "no femur found"
+    assert row["side"] == "none" and row["status"] == batch.NO_FEMUR_STATUS == "no femur"
+    assert row["warnings"] == "no femur found"
     assert row["volume_ml"] == "0.000" and row["mean_hu"] == ""
     mask = np.zeros((4, 5, 6), dtype=np.uint8)
     mask[1:3, 1:4, 2:5] = 1
@@ -217,7 +218,7 @@ def test_rows_of_an_empty_label_and_of_comparisons():
         image.CopyInformation(ct)
     femur = Femur(side="left", value=1, volume_ml=0.018, warnings=("left: 0.0 ml is less than a femoral head",))
     row, = batch.case_rows(case, batch.CaseResult(ct, label, femurs=(femur,), fill=fill, truth=label), 1.0, "m")
-    assert row["side"] == "left" and row["warnings"] == femur.warnings[0]
+    assert row["side"] == "left" and row["status"] == "ok" and row["warnings"] == femur.warnings[0]
     assert float(row["fill_dice"]) == pytest.approx(numpy_dice(mask != 0, other != 0), abs=1e-4)
     assert row["truth_dice"] == "1.0000"
     assert float(row["volume_ml"]) == pytest.approx(18 * 1.0 / 1000, abs=1e-6)

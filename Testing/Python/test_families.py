@@ -214,3 +214,27 @@ def test_context_bones_have_plausible_sizes_in_mm_and_landmarks():
         assert along.max() - np.dot(marks["head_centre"], marks["shaft_axis"]) < 30, "head at the proximal end"
     patella = load_shapes("patella")[0]
     assert 35 <= max(patella.landmarks["extent_mm"]) <= 60
+
+
+@pytest.mark.parametrize("view", ["spine", "legs"])
+def test_clinical_views_without_a_femur_hold_other_bone_and_an_empty_label(view):
+    ct, label, info = generate_case("clinical", 4, held_out=True, view=view)
+    assert info.family == "clinical" and info.details["view"] == view and info.sides == ()
+    assert not sitk.GetArrayViewFromImage(label).any()
+    bone_ml = np.count_nonzero(sitk.GetArrayViewFromImage(ct) > 300) * np.prod(ct.GetSpacing()) / 1000
+    assert bone_ml > 30  # vertebrae, sacrum, hip bones or tibiae: what the model must not call a femur
+    expected = {"spine": ("vertebra L3", "sacrum"), "legs": ("tibia left", "tibia right")}[view]
+    assert any(name in info.details["contents"] for name in expected), info.details["contents"]
+
+
+def test_clinical_hip_view_labels_two_femurs_with_their_heads_in_view():
+    ct, label, info = generate_case("clinical", 5, held_out=True, view="hip")
+    assert set(info.sides) == {"left", "right"}
+    again = generate_case("clinical", 5, held_out=True, view="hip")
+    assert np.array_equal(sitk.GetArrayViewFromImage(ct), sitk.GetArrayViewFromImage(again[0]))
+    assert np.array_equal(sitk.GetArrayViewFromImage(label), sitk.GetArrayViewFromImage(again[1]))
+    z_of = [ct.TransformIndexToPhysicalPoint([0, 0, k])[2] for k in (0, ct.GetSize()[2] - 1)]
+    for hip in info.details["hips_lps"].values():
+        assert min(z_of) < hip[2] < max(z_of)  # the head centres lie inside the field of view
+    with pytest.raises(ValueError):
+        generate_case("invivo", 1, view="hip")

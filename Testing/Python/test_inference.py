@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from scipy import ndimage
 
 from FemurSegLib.demo import SAMPLE_CT, SAMPLE_LABEL
 from FemurSegLib.errors import FemurSegError
@@ -287,3 +288,35 @@ def test_what_hangs_on_a_femur_by_a_thin_bridge_is_cut_off():
         else:
             assert np.array_equal(kept, mask), "a 14 mm neck is part of one solid body"
     assert np.array_equal(solid_femur(femur, spacing), femur)
+
+
+@pytest.mark.parametrize("view", ["spine", "legs"])
+def test_a_ct_without_a_femur_gives_no_femur_and_says_why(segmenter, view):
+    """Held-out clinical renders of the lumbar spine with sacrum, hip bones, ribs and organs, and of the lower legs
+    (tibia, fibula): the exact label is empty, so every femur reported would be wrong."""
+    from FemurSegLib.inference import NO_FEMUR
+    from FemurSegLib.synthetic.cases import generate_case
+
+    ct, truth, info = generate_case("clinical", 2, held_out=True, view=view)
+    assert not sitk.GetArrayViewFromImage(truth).any() and info.sides == ()
+    result = segmenter.run(ct)
+    assert result.femurs == ()
+    assert not sitk.GetArrayViewFromImage(result.label).any()
+    assert NO_FEMUR in result.warnings
+
+
+def test_a_clinical_ct_with_both_femurs_and_the_spine_labels_only_the_femurs(segmenter):
+    """A held-out abdomen-pelvis render (spine, sacrum, organs, femurs cut below the heads): both femurs, each on
+    its own side, and nothing labelled away from the true femurs."""
+    from FemurSegLib.metrics import dice
+    from FemurSegLib.synthetic.cases import generate_case
+
+    ct, truth, info = generate_case("clinical", 3, held_out=True, view="abdomen")
+    assert set(info.sides) == {"left", "right"}
+    result = segmenter.run(ct)
+    label = sitk.GetArrayFromImage(result.label)
+    true_mask = sitk.GetArrayViewFromImage(truth) != 0
+    assert {f.side for f in result.femurs} == {"left", "right"}
+    assert dice(label != 0, true_mask) >= 0.9
+    far = ndimage.distance_transform_edt(~true_mask, sampling=truth.GetSpacing()[::-1]) > 10.0
+    assert not (far & (label != 0)).any()
