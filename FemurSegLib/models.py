@@ -132,7 +132,7 @@ def _femur_label(dataset_json: dict, path: Path) -> tuple[int, str]:
 
 def validate_model_folder(root: Path, name: str | None = None, bundled: bool = False) -> ModelInfo:
     """Check that ``root`` is a usable nnU-Net v2 femur model; raise FemurSegError with what is missing."""
-    root = Path(root)
+    root = check_name(root, "Model folder")  # its name is printed and becomes the model's name
     if os.path.islink(root):
         raise FemurSegError(f"Model folder '{shown(root)}' is a link; links are refused in models (they can lead "
                             "anywhere): give the folder itself.")

@@ -1178,6 +1178,9 @@ for _name, _argv, _message, _expect in [
         resolve_model(None).root, undecodable(f, ""))), "not valid UTF-8", "error"),
     ("models list with one broken installed model (crashed every command)",
      lambda f: then(broken_installed(f), ("models", "list")), "skipped the installed model 'Broken'", "warning"),
+    ("models list with an installed folder whose name is undecodable", lambda f: then(
+        (f / "user-models").mkdir(), shutil.copytree(resolve_model(None).root, undecodable(f / "user-models", "")),
+        ("models", "list")), "skipped the installed model 'bad-\\\\xff\\\\xfe'.*not valid UTF-8", "warning"),
     ("segment --model naming a broken installed model", lambda f: (
         "segment", ct_file(f), f / "out.nrrd", "--model", broken_installed(f)), "installed model 'Broken'", "error"),
 ]:
