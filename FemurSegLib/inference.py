@@ -63,6 +63,7 @@ MIN_FEMUR_MEAN_HU = 100.0  # a piece that is on average water, fat or air inside
 BRIDGE_RADIUS_MM = 3.0  # what hangs on a femur by a bridge thinner than twice this is cut off (solid_femur)
 NO_FEMUR = "no femur found"
 MAX_CANDIDATES = 4  # located pieces, the most femur-like first, that the 1 mm network segments
+PAIR_DISTANCE_MM = (120.0, 260.0)  # between the two femoral heads of one body (150-200 mm typical)
 
 
 class InferenceCancelled(Exception):
@@ -294,15 +295,16 @@ class Segmenter:
             raise InferenceCancelled()
         report(0.96, "checking")
         heads: list[HeadFit | None] = [None] * len(femur_masks)
-        rejected: list[str] = []
+        verdict = ShapeVerdict(femur_masks, [], [], [])
         if self.options.keep_largest_component:
-            femur_masks, heads, rejected = femurs_by_shape(femur_masks, array, spacing)
+            verdict = femurs_by_shape(femur_masks, array, spacing)
+            femur_masks, heads = verdict.masks, list(verdict.heads)
         if self.options.half_maximum_edges:
             femur_masks = [fit_edges_to_half_maximum(mask, array, spacing) for mask in femur_masks]
         femurs, label = self._assemble(femur_masks, heads, oriented, spacing)
-        all_warnings = warnings_before + [w for f in femurs for w in f.warnings]
+        all_warnings = warnings_before + [w for f in femurs for w in f.warnings] + verdict.pair_warnings
         if not femurs:
-            all_warnings += [NO_FEMUR] + rejected
+            all_warnings += [NO_FEMUR] + verdict.rejected
         result_label = sitk.GetImageFromArray(label)
         result_label.CopyInformation(oriented)
         if oriented is not ct:
@@ -407,11 +409,20 @@ class _Steps:
         self.report(self.start + (self.end - self.start) * min(1.0, self.done / self.calls), "predicting")
 
 
-def femurs_by_shape(masks: list[np.ndarray], array: np.ndarray,
-                    spacing: np.ndarray) -> tuple[list[np.ndarray], list[HeadFit], list[str]]:
+@dataclass(frozen=True)
+class ShapeVerdict:
+    """Which candidates are femurs (masks, with their heads), what was left out and why, and doubts about a pair."""
+
+    masks: list[np.ndarray]
+    heads: list[HeadFit]
+    rejected: list[str]
+    pair_warnings: list[str]
+
+
+def femurs_by_shape(masks: list[np.ndarray], array: np.ndarray, spacing: np.ndarray) -> ShapeVerdict:
     """Of the segmented candidates, the (at most two) that are femurs: bone (``_is_bone``) with a femoral head
     (femur_shape.py; borderline ones too, warned about), the clearest heads first, one per place (candidates
-    that overlap are one femur). Also, in words, what was left out and why."""
+    that overlap are one femur)."""
     fits = [(mask, fit_femoral_head(mask, spacing, array)) for mask in masks
             if mask.any() and _is_bone(mask, array, spacing)]
     chosen: list[tuple[np.ndarray, HeadFit]] = []
@@ -425,7 +436,22 @@ def femurs_by_shape(masks: list[np.ndarray], array: np.ndarray,
             continue
         if len(chosen) < 2:
             chosen.append((mask, head))
-    return [mask for mask, _ in chosen], [head for _, head in chosen], rejected
+    pair = _pair_warnings(chosen[0][1], chosen[1][1]) if len(chosen) == 2 else []
+    return ShapeVerdict([mask for mask, _ in chosen], [head for _, head in chosen], rejected, pair)
+
+
+def _pair_warnings(first: HeadFit, second: HeadFit) -> list[str]:
+    """Two femurs of one body are roughly mirror images, their heads PAIR_DISTANCE_MM apart (DESIGN.md §9)."""
+    distance = float(np.linalg.norm(np.subtract(first.centre_mm, second.centre_mm)))
+    radii = sorted((first.radius_mm, second.radius_mm))
+    found = []
+    if not PAIR_DISTANCE_MM[0] <= distance <= PAIR_DISTANCE_MM[1]:
+        found.append(f"the two femoral heads are {distance:.0f} mm apart (a pair: {PAIR_DISTANCE_MM[0]:.0f}-"
+                     f"{PAIR_DISTANCE_MM[1]:.0f} mm); check that both are femurs")
+    if radii[0] < 0.75 * radii[1] and not (first.prosthetic or second.prosthetic):
+        found.append(f"the two femoral heads differ in size ({radii[0]:.0f} and {radii[1]:.0f} mm); "
+                     "check that both are femurs")
+    return found
 
 
 def _is_bone(piece: np.ndarray, array: np.ndarray, spacing: np.ndarray) -> bool:
