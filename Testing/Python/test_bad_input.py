@@ -761,6 +761,12 @@ def fifo_data(folder: Path) -> Path:
     return detached(folder, "ct.nrrd", "voxels.raw")
 
 
+def fe_out(folder: Path) -> Path:
+    """An existing output folder for ``fe`` (it creates a missing one before reading its inputs)."""
+    (folder / "fe-out").mkdir(exist_ok=True)
+    return folder / "fe-out"
+
+
 BAD_INPUTS: dict[str, tuple[Callable[[Path], Path], str]] = {
     "a FIFO": (fifo, "not a regular file"),
     "a dangling link": (dangling, "is a link to .*which does not exist"),
@@ -791,6 +797,8 @@ READERS: dict[str, Callable[[Path, Path], tuple]] = {
                                          "--case", "A"),
     "export (label)": lambda folder, path: ("export", ct_file(folder, "c.nrrd"), path, folder / "Dataset301_New",
                                             "--case", "A"),
+    "fe (CT)": lambda folder, path: ("fe", path, label_file(folder, "l.nrrd"), fe_out(folder)),
+    "fe (label)": lambda folder, path: ("fe", ct_file(folder, "c.nrrd"), path, fe_out(folder)),
 }
 
 for _reader, _argv in READERS.items():
@@ -1266,6 +1274,16 @@ for _name, _argv, _message in [
         "export", ct_file(f), label_file(f), f / "Dataset301_X", "--case", "c" * 300), "300 characters; use at most"),
 ]:
     row(_name, _message, lambda folder, argv=_argv: cli(*argv(folder)))
+
+
+row("fe --calibration a FIFO", "does not exist or is not a file", lambda folder: cli(
+    "fe", ct_file(folder), label_file(folder), fe_out(folder), "--calibration", fifo(folder, "rods.csv")))
+row("fe into the folder of its label, named femur.vtu", "is the input", lambda folder: cli(
+    "fe", ct_file(folder), then((folder / "femur.vtu").write_bytes(b"label"), folder / "femur.vtu"), folder))
+row("fe --element-size 0", "element|size", lambda folder: cli(
+    "fe", ct_file(folder), label_file(folder), fe_out(folder), "--element-size", "0"))
+row("fe --formats stl", "format|stl", lambda folder: cli(
+    "fe", ct_file(folder), label_file(folder), fe_out(folder), "--formats", "stl"))
 
 
 for _name, _out in [("the bundled sample data", REPO / "Resources" / "SampleData" / "out"),
