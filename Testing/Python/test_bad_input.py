@@ -1490,7 +1490,7 @@ def _(folder: Path) -> Attempt:
     return in_slicer(ct_array(144), fine)
 
 
-@case("Slicer: export a segment's surface onto a folder", "is a folder|Could not write")
+@case("Slicer: export a segment's surface onto a folder", "is a folder|already exists")
 def _(folder: Path) -> Attempt:
     from FemurSegLib import scene
 
