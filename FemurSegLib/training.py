@@ -29,6 +29,7 @@ about twice the steps per hour); v4-v6 were trained in float32, before that.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import time
@@ -294,20 +295,29 @@ def train(work_dir: Path, configuration: str, epochs: int, iterations_per_epoch:
     return Path(trainer.output_folder)
 
 
+def _positive(text: str) -> int:
+    """A count of at least 1 (``--locator-epochs -3`` was accepted and trained nothing)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive whole number")
+    return value
+
+
 def add_recipe_arguments(parser) -> None:
     """The recipe's options, shared by ``femurseg train-bundled`` and ``python -m FemurSegLib.training``."""
     parser.add_argument("work_dir", type=Path, help="folder for nnU-Net's raw, preprocessed and results data")
-    parser.add_argument("--cases", type=int, default=160, help="training cases (families mixed as FAMILY_MIX)")
-    parser.add_argument("--iterations", type=int, default=50, help="iterations per epoch")
-    parser.add_argument("--locator-epochs", type=int, default=40, help="epochs of the 3 mm locator")
-    parser.add_argument("--fine-epochs", type=int, nargs="+", default=[120, 200],
+    parser.add_argument("--cases", type=_positive, default=160, help="training cases (families mixed as FAMILY_MIX)")
+    parser.add_argument("--iterations", type=_positive, default=50, help="iterations per epoch")
+    parser.add_argument("--locator-epochs", type=_positive, default=40, help="epochs of the 3 mm locator")
+    parser.add_argument("--fine-epochs", type=_positive, nargs="+", default=[120, 200],
                         help="continue the 1 mm network to each of these epoch counts in turn")
     parser.add_argument("--stage", choices=["data", "plan", "locator", "fine", "bundle", "all"], default="all",
                         help="run one phase (each resumes where it stopped) or all of them")
     parser.add_argument("--base-model", type=Path,
                         help="continue this model's weights with its plans (v7: the bundled v6) instead of new ones")
-    parser.add_argument("--threads", type=int, help="PyTorch threads (default: all cores; 1 each lets the locator "
-                                                    "and the 1 mm network train side by side on 2 cores)")
+    parser.add_argument("--threads", type=_positive,
+                        help="PyTorch threads (default: all cores; 1 each lets the locator and the 1 mm network train "
+                             "side by side on 2 cores)")
     parser.add_argument("--model-dir", type=Path,
                         help=f"new folder for the trained model (default WORK_DIR/{MODEL_NAME}-v{MODEL_VERSION}); "
                              "a model bundled with FemurSeg is never overwritten")

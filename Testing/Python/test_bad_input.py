@@ -1243,6 +1243,13 @@ for _name, _argv, _message in [
     ("phantom --family martian", ("phantom", "a.nrrd", "b.nrrd", "--family", "martian"), "invalid choice"),
     ("segment --side middle", ("segment", "a.nrrd", "b.nrrd", "--side", "middle"), "invalid choice"),
     ("finetune --epochs -3", ("finetune", "Dataset301_X", "--epochs", "-3"), "-3 is negative"),
+    ("train-bundled --locator-epochs -3 (was accepted)", ("train-bundled", "w", "--locator-epochs", "-3"),
+     "argument --locator-epochs: -3 is not a positive"),
+    ("train-bundled --cases 0", ("train-bundled", "w", "--cases", "0"), "argument --cases: 0 is not a positive"),
+    ("train-bundled --fine-epochs 10 -1", ("train-bundled", "w", "--fine-epochs", "10", "-1"),
+     "argument --fine-epochs: -1 is not a positive"),
+    ("train-bundled --threads 0", ("train-bundled", "w", "--threads", "0"), "argument --threads: 0 is not a positive"),
+    ("train-bundled --stage everything", ("train-bundled", "w", "--stage", "everything"), "invalid choice"),
     ("finetune --epochs 2 --minutes 3", ("finetune", "Dataset301_X", "--epochs", "2", "--minutes", "3"),
      "not allowed with argument"),
 ]:
