@@ -4,13 +4,19 @@ The network work is nnU-Net's own (``nnUNetPredictor.predict_single_npy_array``:
 resampling back). FemurSeg adds, around it:
 
 - **Locate first** (models with a locator configuration, like the bundled model): the CT is resampled to the
-  locator's 3 mm grid (SimpleITK, linear), the locator marks femur voxels, and each large connected piece is one femur.
-  The 1 mm network then runs only on a box around each femur (bounding box + ``ROI_MARGIN_MM``), resampled to
-  1 mm by cubic B-spline (nnU-Net resampled its training images with third-order splines); its probabilities
-  are resampled back to the CT's own voxels and thresholded, and of each femur the largest piece is kept without
+  locator's 3 mm grid (SimpleITK, linear), the locator marks femur voxels, and its large connected pieces that are
+  bone are the candidates, the most femur-like first (femoral-head coverage, femur_shape.py), at most
+  MAX_CANDIDATES. The 1 mm network then runs only on a box around each candidate (bounding box +
+  ``ROI_MARGIN_MM``), resampled to 1 mm by cubic B-spline (nnU-Net resampled its training images with third-order
+  splines); its probabilities are resampled back to the CT's own voxels and thresholded, and of each the largest
+  piece is kept without
   what hangs on it by a bridge thinner than 6 mm (hip bone across the joint, ``solid_femur``). So an abdomen, an
   empty margin or the other hip never reaches the fine network, and a clinical-size CT costs little more than a
   cropped one. Models without a locator (nnU-Net folders from elsewhere) run on the whole volume as nnU-Net does.
+- **Only femurs**: of the segmented candidates, a femur is one with a femoral head (femur_shape.py: a sphere of
+  17-30 mm radius, or a hip replacement's metal head, that the bone follows over most of its surface, the neck
+  leaving it on one side); a vertebra, the sacrum, the ilium, a tibia or a shaft without its head is left out, and
+  said so. Borderline heads are kept with a warning; two femurs that are not a plausible pair are warned about.
 - **Both femurs, with sides**: up to two femurs; with two, the one towards the patient's left (LPS +x) is
   left; a single femur's side comes from its head lying medial to its shaft (in-vivo frame), else it is
   reported as "femur". Label values: ``LABEL_VALUES`` (left 1, right 2).

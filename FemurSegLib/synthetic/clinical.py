@@ -129,13 +129,15 @@ def render_clinical(rng: np.random.Generator, seed: int, femurs: list[AnatomySha
     ct = _finish(rng, hu, grid, look, slice_mm, metal, body)
     info = CaseInfo("clinical", seed, (subject,), tuple(sides), tuple(grid.spacing), grid.size,
                     {"view": view, "z_mm": [round(z_low, 1), round(z_high, 1)], "contents": contents,
-                     "osteoporotic": look.cortex_scale < 1.0, "hips_lps": {s: (h + shift).tolist() for s, h in hips.items()}})
+                     "osteoporotic": look.cortex_scale < 1.0,
+                     "hips_lps": {s: (h + shift).tolist() for s, h in hips.items()}})
     return ct, grid.image(label), info
 
 
 # --- anatomy placed in the patient frame -------------------------------------------------------------------------
 
-def _femur_pair(rng: np.random.Generator, femurs: list[AnatomyShape], whole: bool) -> tuple[dict[str, PlacedFemur], str]:
+def _femur_pair(rng: np.random.Generator, femurs: list[AnatomyShape],
+                whole: bool) -> tuple[dict[str, PlacedFemur], str]:
     """Both femurs of one subject (the missing side mirrored), varied and scaled alike; whole femurs when the field
     of view reaches the knees (the proximal-only surfaces would end in the thigh)."""
     by_subject: dict[str, dict[str, AnatomyShape]] = {}
@@ -209,7 +211,10 @@ def _spine(rng: np.random.Generator, spine_top: float) -> list[tuple[str, np.nda
         height = float(shape.landmarks.get("body_height_mm", 27.0)) * scale
         rotation = random_rotation(rng, 4.0) @ _OPENSIM_TO_LPS
         vertices = (shape.vertices - centre) @ rotation.T * scale
-        offset_y = spine_y - lordosis * np.sin(np.pi * (index + 0.5) / 5.0) if index < 5 else spine_y + 4.0 * (index - 4)
+        if index < 5:  # lumbar: the lordosis; thoracic: leaning back
+            offset_y = spine_y - lordosis * np.sin(np.pi * (index + 0.5) / 5.0)
+        else:
+            offset_y = spine_y + 4.0 * (index - 4)
         placed.append((name, vertices + np.array([0.0, offset_y, z + height / 2]), shape.triangles))
         z += height + float(rng.uniform(6, 11)) * scale
     return placed
@@ -235,7 +240,7 @@ def _knee(rng: np.random.Generator, femur: PlacedFemur, rotation: np.ndarray, hi
         return []
     scale = float(rng.uniform(0.9, 1.1))
     axis = _OPENSIM_TO_LPS @ np.asarray(tibia.landmarks["shaft_axis"], dtype=float) * tibia_flip
-    turn = random_rotation(rng, 4.0) @ _rotation_between(axis, np.array([0.0, 0.0, 1.0]))  # the lower leg hangs vertical
+    turn = random_rotation(rng, 4.0) @ _rotation_between(axis, np.array([0.0, 0.0, 1.0]))  # the lower leg: vertical
     plateau = np.asarray(tibia.landmarks["plateau_centre"], dtype=float)
     joint = distal + down * float(rng.uniform(3, 7))
 
@@ -328,7 +333,8 @@ class _Body:
         table_y = self.body_y + self.body_b + float(rng.uniform(2, 15))
         bend = 0.0008 * float(rng.uniform(0, 1)) * self.x ** 2
         table = (self.y > table_y - bend) & (self.y < table_y - bend + float(rng.uniform(5, 15)))
-        hu = np.where(table[None], float(rng.uniform(100, 400)) if rng.random() < 0.5 else float(rng.uniform(-300, 100)), hu)
+        table_hu = float(rng.uniform(100, 400)) if rng.random() < 0.5 else float(rng.uniform(-300, 100))
+        hu = np.where(table[None], table_hu, hu)
         return hu.astype(np.float32)
 
     def trunk_slices(self) -> np.ndarray:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..anatomy import AnatomyShape
-from .femurs import (CaseInfo, axis_pose, box_corners, draw_intensities, finish, fit_field_of_view, fit_voxels, grid_around,
-                     paint_femur, place_femur, random_rotation, specimen_rotation, vary)
+from .femurs import (CaseInfo, axis_pose, box_corners, draw_intensities, finish, fit_field_of_view, fit_voxels,
+                     grid_around, paint_femur, place_femur, random_rotation, specimen_rotation, vary)
 from .render import Grid, smooth_noise, voxelise
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..anatomy import AnatomyShape, load_shapes
-from .femurs import CaseInfo, PlacedFemur, draw_intensities, finish, fit_voxels, grid_around, paint_femur, place_femur, \
-    random_rotation, vary
+from .femurs import (CaseInfo, PlacedFemur, draw_intensities, finish, fit_voxels, grid_around, paint_femur,
+                     place_femur, random_rotation, vary)
 from .render import Grid, bone_hu, smooth_noise, voxelise
 
 

@@ -217,23 +217,152 @@ def test_fill_segment_equals_compute_fill(flow):
     assert np.array_equal(segment_mask(flow["fill_node"], femur_scene.SEGMENT_FILL, flow["ct_node"]), expected)
 
 
+def table_rows(table_node) -> list[list[str]]:
+    return [[table_node.GetCellText(row, column) for column in range(table_node.GetNumberOfColumns())]
+            for row in range(table_node.GetNumberOfRows())]
+
+
 def test_comparison_table_and_disagreement_match_independent_metrics(flow):
     fill_label = compute_fill(flow["ct"], FillParameters())
-    expected = metrics.compare_images(flow["nn_label"], fill_label).as_dict()
+    expected = metrics.compare_images(flow["nn_label"], fill_label)
     table = flow["comparison"].table_node
-    values = table.GetTable().GetColumnByName("Value")
-    rows = {table.GetCellText(row, 0): values.GetValue(row) for row in range(table.GetNumberOfRows())}
-    for metric, value in expected.items():
-        assert rows[metric] == pytest.approx(value, rel=1e-6, abs=1e-9), metric
+    assert [table.GetColumnName(c) for c in range(table.GetNumberOfColumns())] == list(femur_scene.COMPARISON_COLUMNS)
+    difference = expected.volume_ml_other - expected.volume_ml_reference
+    # one femur of unknown side: one row, ml to one decimal, difference fill - nnU-Net in ml and % of nnU-Net
+    assert table_rows(table) == [["Femur", f"{expected.dice:.3f}", f"{expected.asd_mm:.2f}", f"{expected.hd95_mm:.1f}",
+                                  f"{expected.volume_ml_reference:.1f}", f"{expected.volume_ml_other:.1f}",
+                                  f"{difference:+.1f}", f"{100 * difference / expected.volume_ml_reference:+.1f}"]]
+    assert flow["comparison"].agreement.dice == pytest.approx(expected.dice)
     nn, fill = sitk.GetArrayFromImage(flow["nn_label"]) != 0, sitk.GetArrayFromImage(fill_label) != 0
     disagreement = flow["comparison"].disagreement_node
     assert np.array_equal(segment_mask(disagreement, femur_scene.SEGMENT_NNUNET_ONLY, flow["ct_node"]), nn & ~fill)
     assert np.array_equal(segment_mask(disagreement, femur_scene.SEGMENT_FILL_ONLY, flow["ct_node"]), fill & ~nn)
-    worst = int(np.argmax((nn != fill).sum(axis=(1, 2))))
-    assert flow["comparison"].worst_slice_index == worst == rows["worst_slice_k"]
+    per_slice = (nn != fill).sum(axis=(1, 2))
+    places = flow["comparison"].worst_places
+    assert places[0].slice_index == int(np.argmax(per_slice))
+    assert [p.disagreement_ml for p in places] == sorted((p.disagreement_ml for p in places), reverse=True)
+    voxel_ml = np.prod(flow["ct"].GetSpacing()) / 1000
+    for place in places:
+        assert place.disagreement_ml == pytest.approx(per_slice[place.slice_index] * voxel_ml)
+    assert all(abs(a.slice_index - b.slice_index) >= 5 for a in places for b in places if a is not b)
     size = flow["ct"].GetSize()
-    centre = ((size[0] - 1) / 2, (size[1] - 1) / 2, worst)
-    assert np.allclose(flow["comparison"].worst_slice_ras, ras_of_index(flow["ct"], centre))
+    centre = ((size[0] - 1) / 2, (size[1] - 1) / 2, places[0].slice_index)
+    assert np.allclose(places[0].ras, ras_of_index(flow["ct"], centre))
+
+
+def test_drafts_are_outlines_in_distinct_colours_under_filled_disagreement(flow):
+    colours = [femur_scene.COLOR_NNUNET_LEFT, femur_scene.COLOR_NNUNET_RIGHT, femur_scene.COLOR_FILL,
+               femur_scene.COLOR_NNUNET_ONLY, femur_scene.COLOR_FILL_ONLY]
+    assert min(np.linalg.norm(np.subtract(a, b)) for i, a in enumerate(colours) for b in colours[i + 1:]) > 0.4
+    for node in (flow["nn_node"], flow["fill_node"]):
+        display = node.GetDisplayNode()
+        assert not display.GetVisibility2DFill() and display.GetVisibility2DOutline()
+    assert flow["comparison"].disagreement_node.GetDisplayNode().GetVisibility2DFill()
+    fill_segment = flow["fill_node"].GetSegmentation().GetNthSegment(0)
+    assert np.allclose(fill_segment.GetColor(), femur_scene.COLOR_FILL)
+    for label, colour, _ in femur_scene.LEGEND:
+        assert label in femur_scene.legend_html()
+        assert "rgb({},{},{})".format(*(round(255 * c) for c in colour)) in femur_scene.legend_html()
+
+
+@pytest.fixture()
+def bilateral(app):
+    """Two femur blocks (right at low x, left at high x, LPS), and a CT on a non-cubic grid."""
+    from FemurSegLib.inference import Femur
+
+    values = np.zeros((30, 20, 70), dtype=np.uint8)
+    values[5:25, 5:15, 5:20], values[5:25, 5:15, 45:60] = 2, 1
+    ct = sitk.GetImageFromArray(values.astype(np.int16) * 700)
+    ct.SetSpacing((0.8, 0.9, 1.5))
+    ct_node = femur_scene.add_volume_node(app.scene, ct, "bilateral")
+    label = sitk.GetImageFromArray(values)
+    label.CopyInformation(ct)
+    nn_node = femur_scene.add_femur_segments(app.scene, app.segmentations_logic, label, ct_node,
+                                             [Femur("left", 1, 3.0, ()), Femur("right", 2, 3.0, ())])
+    yield dict(values=values, ct=ct, ct_node=ct_node, nn_node=nn_node, voxel_ml=0.8 * 0.9 * 1.5 / 1000)
+    for node in (nn_node, ct_node):
+        femur_scene._remove_node(app.scene, node)
+
+
+def fill_node_of(app, bilateral, mask: np.ndarray):
+    label = sitk.GetImageFromArray(mask.astype(np.uint8))
+    label.CopyInformation(bilateral["ct"])
+    return femur_scene.add_label_as_segment(app.scene, app.segmentations_logic, label, bilateral["ct_node"],
+                                            femur_scene.SEGMENT_FILL, femur_scene.COLOR_FILL, laterality=None)
+
+
+def test_a_fill_of_one_femur_plus_hip_bone_is_a_warning_with_rows_per_femur(app, bilateral):
+    """In vivo the fill took one femur and the hip bone beside it and missed the other: the table says so per side."""
+    values, ml = bilateral["values"], bilateral["voxel_ml"]
+    fill = values == 1
+    fill[5:25, 5:15, 60:68] = True  # "hip bone" against the left femur, nearer it than the right one
+    fill_node = fill_node_of(app, bilateral, fill)
+    comparison = femur_scene.compare_segmentations(app.scene, app.segmentations_logic, bilateral["nn_node"],
+                                                   fill_node, bilateral["ct_node"])
+    rows = table_rows(comparison.table_node)
+    assert [row[0] for row in rows] == ["Femur left", "Femur right", "Both femurs"]
+    left_ml, right_ml, fill_ml = (values == 1).sum() * ml, (values == 2).sum() * ml, fill.sum() * ml
+    assert rows[0][4:8] == [f"{left_ml:.1f}", f"{fill_ml:.1f}", f"{fill_ml - left_ml:+.1f}",
+                            f"{100 * (fill_ml - left_ml) / left_ml:+.1f}"]
+    assert rows[0][1] == f"{metrics.dice(values == 1, fill):.3f}"
+    assert rows[1][1:8] == ["0.000", "–", "–", f"{right_ml:.1f}", "0.0", f"{-right_ml:+.1f}", "-100.0"]
+    assert rows[2][1] == f"{metrics.dice(values != 0, fill):.3f}"
+    warnings = " | ".join(comparison.warnings)
+    assert "misses 100% of Femur right" in warnings and "more volume than Femur left" in warnings
+    assert "Warning:" in comparison.describe() and "reference: nnU-Net" in comparison.describe()
+    femur_scene.remove_comparison(app.scene, comparison)
+    assert comparison.table_node.GetScene() is None and comparison.disagreement_node.GetScene() is None
+
+    joined = values != 0
+    joined[10:20, 8:12, 20:45] = True  # a bridge from one femur to the other, as through the pelvis
+    joined_node = fill_node_of(app, bilateral, joined)
+    comparison = femur_scene.compare_segmentations(app.scene, app.segmentations_logic, bilateral["nn_node"],
+                                                   joined_node, bilateral["ct_node"])
+    assert any("one piece joining both femurs" in w for w in comparison.warnings)
+    femur_scene.remove_comparison(app.scene, comparison)
+    same_node = fill_node_of(app, bilateral, values != 0)
+    agreeing = femur_scene.compare_segmentations(app.scene, app.segmentations_logic, bilateral["nn_node"],
+                                                 same_node, bilateral["ct_node"])
+    assert agreeing.warnings == () and agreeing.worst_places == ()
+    assert [row.agreement.dice for row in agreeing.rows] == [1.0, 1.0, 1.0]
+    femur_scene.remove_comparison(app.scene, agreeing)
+    for node in (fill_node, joined_node, same_node):
+        femur_scene._remove_node(app.scene, node)
+
+
+def test_export_preview_surface_replace_and_windows(app, bilateral, tmp_path):
+    from FemurSegLib.errors import AlreadyExists
+
+    values, ml, node, ct_node = bilateral["values"], bilateral["voxel_ml"], bilateral["nn_node"], bilateral["ct_node"]
+    left, right = (values == 1).sum() * ml, (values == 2).sum() * ml
+    assert femur_scene.describe_export(app.scene, app.segmentations_logic, node, None, ct_node) == (
+        f"The label will hold Femur left (nnU-Net) {left:.1f} ml + Femur right (nnU-Net) {right:.1f} ml "
+        f"({left + right:.1f} ml of femur).")
+    right_id = node.GetSegmentation().GetSegmentIdBySegmentName("Femur right (nnU-Net)")
+    assert femur_scene.describe_export(app.scene, app.segmentations_logic, node, right_id, ct_node) == \
+        f"The label will hold Femur right (nnU-Net) {right:.1f} ml."
+
+    path = tmp_path / "femur.stl"
+    femur_scene.export_segment_surface(app.scene, app.segmentations_logic, node, None, ct_node, path)
+    first = path.read_bytes()
+    with pytest.raises(AlreadyExists) as refused:
+        femur_scene.export_segment_surface(app.scene, app.segmentations_logic, node, right_id, ct_node, path)
+    assert path.read_bytes() == first
+    assert "(--replace)" in str(refused.value) and "(tick Replace)" in refused.value.advice("tick Replace")
+    femur_scene.export_segment_surface(app.scene, app.segmentations_logic, node, right_id, ct_node, path,
+                                       replace=True)
+    assert path.read_bytes() != first
+    dataset_dir = tmp_path / "Dataset124_Twice"
+    femur_scene.export_segment(app.scene, app.segmentations_logic, node, None, ct_node, dataset_dir, "c1")
+    with pytest.raises(AlreadyExists, match="already exists"):
+        femur_scene.export_segment(app.scene, app.segmentations_logic, node, None, ct_node, dataset_dir, "c1")
+
+    for preset, (window, level) in femur_scene.WINDOW_PRESETS.items():
+        femur_scene.apply_window(ct_node, preset)
+        display = ct_node.GetDisplayNode()
+        assert (display.GetWindow(), display.GetLevel(), display.GetAutoWindowLevel()) == (window, level, 0)
+    with pytest.raises(FemurSegError, match="not one of"):
+        femur_scene.apply_window(ct_node, "lung")
 
 
 def test_correct_with_segment_editor_then_export_round_trips(app, flow, tmp_path):
@@ -439,18 +568,24 @@ def test_segmentation_with_several_segments_needs_a_segment_choice(app, flow, tm
     assert not (tmp_path / "Dataset603_Two").exists()
 
 
-@pytest.mark.parametrize("case, words", [("raw scanner values", "raw scanner numbers"), ("soft tissue", "No femur found")])
+@pytest.mark.parametrize("case, words", [("raw scanner values", "raw scanner numbers"), ("soft tissue", "No femur found"),
+                                         ("lumbar spine", "No femur found")])
 def test_implausible_cts_are_named_in_the_status(app, segmenter, flow, case, words):
-    """What the guard says reaches the status line the panel and the page show."""
+    """What the guard says reaches the status line the panel and the page show; a CT of the lumbar spine, sacrum
+    and hip bones (a held-out clinical render, no femur in view) adds no segment and says what was left out."""
     if case == "raw scanner values":
         ct = sitk.Cast(flow["ct"], sitk.sitkInt32) + 1024
+    elif case == "lumbar spine":
+        from FemurSegLib.synthetic.cases import generate_case
+
+        ct = generate_case("clinical", 6, held_out=True, view="spine")[0]
     else:
         ct = sitk.GetImageFromArray(np.random.default_rng(4).normal(40, 15, (60, 80, 80)).astype(np.int16))
     node = femur_scene.add_volume_node(app.scene, ct, case)
     nodes_before = app.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
     added, result = femur_scene.segment_volume_node(app.scene, app.segmentations_logic, node, segmenter)
     assert words in femur_scene.describe_result(result.femurs, result.warnings)
-    if case == "soft tissue":
+    if case != "raw scanner values":
         assert added is None and app.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == nodes_before
     for leftover in filter(None, (added, node)):
         femur_scene._remove_node(app.scene, leftover)
