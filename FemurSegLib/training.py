@@ -323,6 +323,17 @@ def add_recipe_arguments(parser) -> None:
                              "a model bundled with FemurSeg is never overwritten")
 
 
+def missing_stage_inputs(work_dir: Path, stage: str) -> list[tuple[str, Path]]:
+    """(earlier stage, file) pairs that one stage run alone needs and that are not there yet."""
+    needs = {"plan": [("data", work_dir / "raw" / name / "dataset.json") for _, name in DATASETS.values()],
+             "locator": [("plan", work_dir / "preprocessed" / LOCATOR_DATASET / "nnUNetPlans.json")],
+             "fine": [("plan", work_dir / "preprocessed" / DATASET_NAME / "nnUNetPlans.json")],
+             "bundle": [("locator" if c == LOCATOR_CONFIGURATION else "fine", trained_folder(work_dir, c) / "fold_all"
+                         / "checkpoint_final.pth") for c in RECIPE_CONFIGURATIONS]}
+    return [(earlier, path) for earlier, path in needs.get(stage, [])
+            if not path.is_file() and not path.with_name("checkpoint_latest.pth").is_file()]
+
+
 def run_recipe(args) -> None:
     """Run the recipe's phases named by ``args.stage`` (see ``add_recipe_arguments``)."""
     from .errors import FemurSegError
@@ -342,6 +353,11 @@ def run_recipe(args) -> None:
             "into Resources/Models yourself."
         )
     work_dir = args.work_dir.resolve()
+    missing = missing_stage_inputs(work_dir, args.stage)
+    if missing:  # before any folder is made (an empty WORK_DIR got a half-built model folder)
+        earlier, path = missing[0]
+        raise FemurSegError(f"--stage {args.stage} needs '{path}', which --stage {earlier} makes; run the earlier "
+                            f"stages first (or --stage all).")
     set_nnunet_paths(work_dir)
     started = time.time()
     if args.stage in ("data", "all"):
