@@ -330,8 +330,10 @@ def missing_stage_inputs(work_dir: Path, stage: str) -> list[tuple[str, Path]]:
              "fine": [("plan", work_dir / "preprocessed" / DATASET_NAME / "nnUNetPlans.json")],
              "bundle": [("locator" if c == LOCATOR_CONFIGURATION else "fine", trained_folder(work_dir, c) / "fold_all"
                          / "checkpoint_final.pth") for c in RECIPE_CONFIGURATIONS]}
-    return [(earlier, path) for earlier, path in needs.get(stage, [])
-            if not path.is_file() and not path.with_name("checkpoint_latest.pth").is_file()]
+    def present(path: Path) -> bool:  # bundle_model takes the latest checkpoint where training was stopped early
+        return path.is_file() or (path.name == "checkpoint_final.pth"
+                                  and path.with_name("checkpoint_latest.pth").is_file())
+    return [(earlier, path) for earlier, path in needs.get(stage, []) if not present(path)]
 
 
 def run_recipe(args) -> None:
