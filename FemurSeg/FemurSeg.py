@@ -13,6 +13,7 @@ import shutil
 import sys
 import tempfile
 import threading
+import time
 import traceback
 from pathlib import Path
 from typing import Annotated, Iterator
@@ -78,6 +79,7 @@ class FemurSegParameterNode:
     datasetName: str = "FemurCorrected"
     caseName: str = ""
     testSplit: bool = False
+    replace: bool = False  # an existing case or surface file is refused unless this is ticked
 
 
 class FemurSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -86,7 +88,8 @@ class FemurSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         VTKObservationMixin.__init__(self)
         self.logic = self._parameterNode = self._parameterNodeGuiTag = self.models = None
         self._process = None  # runner.SegmentationJob while a segmentation runs in the logic's warm worker
-        self._worstSliceRAS = self._lastAgreement = None  # from the last comparison
+        self._started = 0.0  # when it started, for the elapsed time
+        self.review = None
         self._timer = qt.QTimer()
         self._timer.setInterval(200)
         self._timer.timeout.connect(self.onPollSegmentation)
@@ -104,13 +107,15 @@ class FemurSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                 (self.ui.computeFillButton, self.onComputeFill),
                                 (self.ui.loadFillButton, self.onLoadFill),
                                 (self.ui.compareButton, self.onCompare), (self.ui.exportButton, self.onExport),
-                                (self.ui.jumpToWorstSliceButton, self.onJumpToWorstSlice),
                                 (self.ui.correctButton, self.onCorrectInSegmentEditor),
                                 (self.ui.exportSurfaceButton, self.onExportSurface)]:
             button.clicked.connect(handler)
         from FemurSegWidgets.models import ModelSection
 
+        from FemurSegWidgets.review import ReviewSection
+
         self.models = ModelSection(self)  # model list, install, improve (fine-tune)
+        self.review = ReviewSection(self)  # comparison, legend, windows, case name, export preview
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
@@ -118,6 +123,8 @@ class FemurSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.worker.close()  # ends the warm worker, cancelling a running segmentation
         if self.models is not None:
             self.models.cleanup()  # cancels a running fine-tuning
+        if self.review is not None:
+            self.review.cleanup()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -159,12 +166,14 @@ class FemurSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                                          self._parameterNode.device, self._parameterNode.fast)
             self.ui.segmentButton.text = "Cancel"
             self.ui.progressBar.value = 0
+            self._started = time.monotonic()
             self._timer.start()
 
     def onPollSegmentation(self) -> None:
         state = self._process.poll()
         self.ui.progressBar.value = int(100 * state.progress)
-        self.setStatus(f"Segmenting: {state.stage}" + (f" ({state.messages[-1]})" if state.messages else ""))
+        self.setStatus(f"Segmenting: {state.stage}, {time.monotonic() - self._started:.0f} s"
+                       + (f" ({state.messages[-1]})" if state.messages else ""))
         if not state.finished:
             return
         self._timer.stop()
@@ -194,19 +203,7 @@ class FemurSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onCompare(self) -> None:
         with self.reportErrors("Comparison"):
-            comparison = self.logic.compare(self._parameterNode.nnunetSegmentation,
-                                            self._parameterNode.fillSegmentation, self._parameterNode.inputVolume)
-            self.ui.comparisonTableView.setMRMLTableNode(comparison.table_node)
-            self._worstSliceRAS = comparison.worst_slice_ras
-            self._lastAgreement = comparison.agreement.as_dict()
-            self.setStatus(f"Dice {comparison.agreement.dice:.3f}; worst slice K={comparison.worst_slice_index}.")
-
-    def onJumpToWorstSlice(self) -> None:
-        if self._worstSliceRAS is None:
-            self.setStatus("Compare the segmentations first.")
-            return
-        slicer.vtkMRMLSliceNode.JumpAllSlices(slicer.mrmlScene, *self._worstSliceRAS,
-                                              slicer.vtkMRMLSliceNode.CenteredJumpSlice)
+            self.review.compare()
 
     def onCorrectInSegmentEditor(self) -> None:
         segmentation = self._parameterNode.exportSegmentation or self._parameterNode.nnunetSegmentation
@@ -231,18 +228,20 @@ class FemurSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not p.caseName:
                 raise ValueError("Choose a case name first.")
             datasetDir = self.exportDatasetDir()
+            comparison = self.review.comparison
             provenance = {"model": self.ui.modelComboBox.currentText, "fill_threshold_hu": p.fillThresholdHU,
-                          "draft_vs_fill": self._lastAgreement}
+                          "draft_vs_fill": comparison.agreement.as_dict() if comparison is not None else None}
             result = self.logic.export(p.exportSegmentation, p.inputVolume, datasetDir, p.caseName, p.testSplit,
-                                       provenance)
+                                       provenance, p.replace)
             self.setStatus(f"Exported case '{result.case}' ({result.split}) to {result.dataset_dir}.")
 
     def onExportSurface(self) -> None:
-        path = qt.QFileDialog.getSaveFileName(self.parent, "Surface (LPS)", "", "Surfaces (*.stl *.vtk *.vtp *.obj)")
+        path = qt.QFileDialog.getSaveFileName(self.parent, "Surface (LPS)", "", "Surfaces (*.stl *.vtk *.vtp *.obj)",
+                                              None, qt.QFileDialog.DontConfirmOverwrite)  # the Replace box decides
         with self.reportErrors("Surface export"):
             if path:
                 p = self._parameterNode
-                check = self.logic.exportSurface(p.exportSegmentation, p.inputVolume, path)
+                check = self.logic.exportSurface(p.exportSegmentation, p.inputVolume, path, p.replace)
                 self.setStatus(f"Saved {Path(path).name}: {check.describe()}.")
 
     def setStatus(self, text: str) -> None:
@@ -255,8 +254,10 @@ class FemurSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             yield
         except Exception as error:  # noqa: BLE001 - a GUI action must never leave an uncaught exception
-            from FemurSegLib.errors import FemurSegError
+            from FemurSegLib.errors import AlreadyExists, FemurSegError
 
+            if isinstance(error, AlreadyExists):  # this panel's advice, not the command line's --replace
+                error = FemurSegError(error.advice("check Replace"))
             self.setStatus(f"{what} failed: {error}")
             if isinstance(error, (FemurSegError, ValueError)):
                 slicer.util.errorDisplay(str(error), windowTitle=f"FemurSeg: {what}")
@@ -322,8 +323,9 @@ class FemurSegLogic(ScriptedLoadableModuleLogic):
         if (label := job.result()) is not None:
             return _scene().add_femur_segments(slicer.mrmlScene, _segmentations(), label, ctNode, job.state.femurs)
 
-    def exportSurface(self, segmentationNode, ctNode, path: str):
-        return _scene().export_segment_surface(slicer.mrmlScene, _segmentations(), segmentationNode, None, ctNode, path)
+    def exportSurface(self, segmentationNode, ctNode, path: str, replace: bool = False):
+        return _scene().export_segment_surface(slicer.mrmlScene, _segmentations(), segmentationNode, None, ctNode, path,
+                                               replace=replace)
 
     def computeFill(self, ctNode, thresholdHU: float):
         from FemurSegLib.fill import FillParameters
@@ -338,9 +340,10 @@ class FemurSegLogic(ScriptedLoadableModuleLogic):
         return _scene().compare_segmentations(slicer.mrmlScene, _segmentations(), referenceNode, otherNode,
                                               ctNode)
 
-    def export(self, segmentationNode, ctNode, datasetDir, case: str, test: bool = False, provenance=None):
+    def export(self, segmentationNode, ctNode, datasetDir, case: str, test: bool = False, provenance=None,
+               replace: bool = False):
         return _scene().export_segment(slicer.mrmlScene, _segmentations(), segmentationNode, None, ctNode,
-                                       datasetDir, case, test=test, provenance=provenance)
+                                       datasetDir, case, test=test, replace=replace, provenance=provenance)
 
 
 def _segmentations():
@@ -382,7 +385,7 @@ class FemurSegTest(ScriptedLoadableModuleTest):
                            0.5)
         fillNode = logic.computeFill(ctNode, 350.0)
         comparison = logic.compare(nnNode, fillNode, ctNode)
-        self.assertEqual(comparison.table_node.GetCellText(0, 0), "dice")
+        self.assertEqual(comparison.table_node.GetCellText(0, 0), "Femur")
         datasetDir = Path(tempfile.mkdtemp()) / "Dataset501_FemurSegTest"
         result = logic.export(nnNode, ctNode, datasetDir, "phantom05")
         exported = sitk.GetArrayFromImage(sitk.ReadImage(str(result.label_path)))

@@ -400,7 +400,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=DEVICES, help="where to run nnU-Net (default auto)")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("web", help="serve FemurSeg in the browser (trame-slicer)")
+    p = sub.add_parser("web", help="serve FemurSeg in the browser (trame-slicer)",
+                       epilog="environment: FEMURSEG_WEB_OPEN_ROOTS = more folders (os.pathsep-separated) whose files "
+                              "the page may open by path, besides the datasets root and the sample data; "
+                              "FEMURSEG_WEB_MAX_UPLOAD_MB = the upload limit (default 512).")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback only)")
     p.add_argument("--port", type=_port, default=8080, help="port to serve on (default 8080)")
     p.add_argument("--datasets-root", help="exports are confined to this folder (default ~/FemurSeg-datasets)")

@@ -66,7 +66,7 @@ import SimpleITK as sitk
 from filelock import FileLock, Timeout
 
 from . import __version__
-from .errors import FemurSegError
+from .errors import AlreadyExists, FemurSegError
 from .imageio import (check_ct, check_label, label_image_like, mask_array, read_ct, read_label, require_same_grid,
                       write_bytes_atomic)
 from .iopolicy import read_bytes
@@ -158,10 +158,8 @@ def _export_locked(dataset_dir: Path, dataset_json: dict[str, Any], json_exists:
     ending = dataset_json["file_ending"]
     old_files = _case_files(dataset_dir, case, ending)
     if not replace and any(path.parent.name != FEMURSEG_FOLDER for path in old_files):
-        raise FemurSegError(
-            f"Case '{case}' already exists in '{dataset_dir}'; choose another case name, or replace it (--replace; "
-            "the old files are then kept in femurseg/replaced/)."
-        )
+        raise AlreadyExists(f"Case '{case}' already exists in '{dataset_dir}'; choose another case name, or replace "
+                            "it (", "; the old files are then kept in femurseg/replaced/).")
     image_folder, label_folder = SPLITS[split]
     image_path = dataset_dir / image_folder / f"{case}_0000{ending}"
     label_path = dataset_dir / label_folder / f"{case}{ending}"
@@ -385,6 +383,20 @@ def _check_dataset_dir(dataset_dir: Path) -> None:
     for folder in existing or [dataset_dir.parent]:
         if folder.is_dir() and not os.access(folder, os.W_OK):
             raise FemurSegError(f"Folder '{folder}' is not writable; fix its permissions or choose another dataset.")
+
+
+def case_name_from_file(file_name: str) -> str:
+    """A case name from a CT's file name ("F7L fall.nii.gz" -> "F7L_fall"), so a GUI never offers the last CT's name
+    for the next CT; characters a case name cannot hold become '_'."""
+    stem = Path(file_name).name
+    for ending in (*FILE_ENDINGS, ".nhdr", ".mhd", ".gz"):
+        if stem.lower().endswith(ending):
+            stem = stem[: -len(ending)]
+            break
+    case = re.sub(r"[^A-Za-z0-9_\-]+", "_", stem).strip("_")[:MAX_CASE_NAME]
+    if CHANNEL_SUFFIX.fullmatch(case):
+        case = case.rsplit("_", 1)[0]
+    return case or "case001"
 
 
 def _check_case_name(case: str) -> None:

@@ -101,3 +101,19 @@ def worst_slice(reference: np.ndarray, other: np.ndarray, axis: int = 0) -> int:
     disagreement = reference != other
     other_axes = tuple(i for i in range(3) if i != axis)
     return int(np.argmax(disagreement.sum(axis=other_axes)))
+
+
+def worst_slices(reference: np.ndarray, other: np.ndarray, count: int = 5, min_gap: int = 5,
+                 axis: int = 0) -> list[tuple[int, int]]:
+    """The ``count`` slices along ``axis`` with the most disagreeing voxels as (index, voxels), most first, at least
+    ``min_gap`` slices apart so that the list names different places rather than neighbours of one; slices that
+    agree are left out."""
+    other_axes = tuple(i for i in range(3) if i != axis)
+    per_slice = (reference != other).sum(axis=other_axes)
+    places: list[tuple[int, int]] = []
+    for index in np.argsort(-per_slice, kind="stable"):
+        if len(places) == count or per_slice[index] == 0:
+            break
+        if all(abs(int(index) - taken) >= min_gap for taken, _ in places):
+            places.append((int(index), int(per_slice[index])))
+    return places

@@ -21,13 +21,14 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import SimpleITK as sitk
 import slicer
+from scipy import ndimage
 from vtkmodules.util import numpy_support
 from vtkmodules.vtkCommonCore import vtkDoubleArray, vtkStringArray
 from vtkmodules.vtkCommonDataModel import vtkImageData
 from vtkmodules.vtkCommonMath import vtkMatrix4x4
 
 from . import dataset, metrics, surface
-from .errors import FemurSegError
+from .errors import AlreadyExists, FemurSegError
 from .fill import FillParameters, compute_fill
 from .imageio import check_ct, check_volume, label_image_like, mask_array, read_label, require_same_grid
 from .iopolicy import read_bytes
@@ -37,10 +38,23 @@ SEGMENT_NNUNET = "Femur (nnU-Net)"
 SEGMENT_FILL = "Femur (fill)"
 SEGMENT_NNUNET_ONLY = "nnU-Net only"
 SEGMENT_FILL_ONLY = "fill only"
-COLOR_NNUNET = (0.945, 0.839, 0.569)  # Slicer's GenericAnatomyColors "bone"
-COLOR_FILL = (0.40, 0.65, 0.95)
-COLOR_NNUNET_ONLY = (0.95, 0.35, 0.15)
-COLOR_FILL_ONLY = (0.20, 0.45, 0.95)
+# The review colours, defined here once for the Slicer panel and the browser page (README "Colours"): far apart in
+# hue, so each reads on a grey CT; the drafts are drawn as outlines, their disagreement filled on top of them.
+COLOR_NNUNET_LEFT = (1.0, 0.85, 0.1)  # yellow; also a femur whose side cannot be told
+COLOR_NNUNET_RIGHT = (0.15, 0.85, 0.35)  # green
+COLOR_NNUNET = COLOR_NNUNET_LEFT
+COLOR_FILL = (0.25, 0.55, 1.0)  # blue
+COLOR_NNUNET_ONLY = (1.0, 0.45, 0.0)  # orange
+COLOR_FILL_ONLY = (0.9, 0.15, 0.9)  # magenta
+NNUNET_COLORS = {"left": COLOR_NNUNET_LEFT, "right": COLOR_NNUNET_RIGHT}
+LEGEND = (("nnU-Net, left femur (or side unknown)", COLOR_NNUNET_LEFT, "outline"),
+          ("nnU-Net, right femur", COLOR_NNUNET_RIGHT, "outline"), ("fill", COLOR_FILL, "outline"),
+          (SEGMENT_NNUNET_ONLY, COLOR_NNUNET_ONLY, "filled"), (SEGMENT_FILL_ONLY, COLOR_FILL_ONLY, "filled"))
+OUTLINE_THICKNESS = 3  # pixels: a 1-pixel outline is lost on a high-resolution screen
+WINDOW_PRESETS = {"bone": (1000.0, 400.0), "soft tissue": (400.0, 40.0)}  # (window, level) in HU, Slicer's CT presets
+COMPARISON_TITLE = "fill vs nnU-Net (reference: nnU-Net)"
+COMPARISON_COLUMNS = ("Femur", "Dice", "ASD mm", "HD95 mm", "nnU-Net ml", "fill ml", "fill − nnU-Net ml",
+                      "fill − nnU-Net %")
 
 TERMINOLOGY_CONTEXT = "Segmentation category and type - DICOM master list"
 LATERALITY_CODES = {"left": ("7771000", "Left"), "right": ("24028007", "Right")}
@@ -50,14 +64,54 @@ ProgressCallback = Callable[[float, str], None]
 
 
 @dataclass(frozen=True)
-class Comparison:
-    """What compare_segmentations made, so the widget can show the table and jump to the worst slice."""
+class FemurComparison:
+    """One row of the comparison table: one femur (or all together), fill against the nnU-Net reference."""
 
-    table_node: Any  # vtkMRMLTableNode: rows (metric, value)
-    disagreement_node: Any  # vtkMRMLSegmentationNode with "nnU-Net only" and "fill only"
+    femur: str  # "Femur left", "Femur right", "Femur" (side unknown) or "Both femurs"
     agreement: metrics.Agreement
-    worst_slice_index: int  # K index (slowest image axis) with the most disagreeing voxels
-    worst_slice_ras: tuple[float, float, float]  # centre of that slice, for JumpSlicesToLocation
+
+    def cells(self) -> tuple[str, ...]:
+        """The row as COMPARISON_COLUMNS shows it: ml to one decimal, differences signed, "–" where undefined."""
+        a = self.agreement
+        percent = 100.0 * a.volume_difference_ml / a.volume_ml_reference if a.volume_ml_reference else float("nan")
+        return (self.femur, _number(a.dice, ".3f"), _number(a.asd_mm, ".2f"), _number(a.hd95_mm, ".1f"),
+                _number(a.volume_ml_reference, ".1f"), _number(a.volume_ml_other, ".1f"),
+                _number(a.volume_difference_ml, "+.1f"), _number(percent, "+.1f"))
+
+
+@dataclass(frozen=True)
+class WorstPlace:
+    """An axial slice where fill and nnU-Net disagree most, for the "Jump to worst slice" list."""
+
+    slice_index: int  # K index (slowest image axis)
+    disagreement_ml: float  # the disagreeing volume in that slice
+    ras: tuple[float, float, float]  # centre of that slice, for JumpAllSlices
+
+    def describe(self) -> str:
+        return f"slice {self.slice_index}: {self.disagreement_ml:.1f} ml disagree"
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """What compare_segmentations made: the table, the disagreement segments, the worst places and what looks
+    wrong with the fill, for both GUIs to show the same way."""
+
+    table_node: Any  # vtkMRMLTableNode: COMPARISON_COLUMNS, one row per entry of ``rows``
+    disagreement_node: Any  # vtkMRMLSegmentationNode with "nnU-Net only" and "fill only"
+    rows: tuple[FemurComparison, ...]  # per femur, then "Both femurs" when there are two
+    agreement: metrics.Agreement  # all femurs together (for provenance)
+    worst_places: tuple[WorstPlace, ...]  # most disagreement first; empty when fill and nnU-Net agree everywhere
+    warnings: tuple[str, ...]  # an implausible fill (a femur missed, hip bone taken), in words
+
+    def describe(self) -> str:
+        """The status line: Dice per femur, which is the reference, and every warning."""
+        dice = ", ".join(f"{row.femur} {row.agreement.dice:.3f}" for row in self.rows)
+        text = f"Dice ({COMPARISON_TITLE}): {dice}."
+        return text + (f" Warning: {'; '.join(self.warnings)}." if self.warnings else "")
+
+
+def _number(value: float, spec: str) -> str:
+    return "–" if not np.isfinite(value) else format(value, spec)
 
 
 # --- volumes <-> SimpleITK ------------------------------------------------------------------------------------
@@ -170,9 +224,41 @@ def add_femur_segments(scene: Any, seg_logic: Any, label: sitk.Image, ct_volume_
         segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(ct_volume_node)
         for femur in femurs:
             segment = _import_mask(seg_logic, segmentation_node, values == femur.value, ct,
-                                   femur_segment_name(femur.side), COLOR_NNUNET)
+                                   femur_segment_name(femur.side), NNUNET_COLORS.get(femur.side, COLOR_NNUNET))
             segment.SetTerminology(femur_terminology(femur.side if femur.side in LATERALITY_CODES else None))
+        show_as_outline(segmentation_node)
     return segmentation_node
+
+
+def show_as_outline(segmentation_node: Any) -> None:
+    """Draw a draft as a thick outline in the slice views, so the drafts and their disagreement all stay visible."""
+    display = segmentation_node.GetDisplayNode()
+    display.SetVisibility2DFill(False)
+    display.SetVisibility2DOutline(True)
+    display.SetSliceIntersectionThickness(OUTLINE_THICKNESS)
+
+
+def legend_html() -> str:
+    """The legend both GUIs show beside the views (a Qt label and the page read the same HTML)."""
+    swatch = ('<span style="display:inline-block;width:12px;height:12px;margin:0 4px 0 10px;vertical-align:middle;'
+              '{}"></span>{}')
+    entries = []
+    for label, color, style in LEGEND:
+        rgb = "rgb({},{},{})".format(*(round(255 * c) for c in color))
+        css = f"border:3px solid {rgb};" if style == "outline" else f"background:{rgb};"
+        entries.append(swatch.format(css, f"{label} ({style})"))
+    return "".join(entries)
+
+
+def apply_window(volume_node: Any, preset: str) -> None:
+    """Show the CT with a WINDOW_PRESETS window (e.g. "bone"), instead of the automatic one."""
+    if preset not in WINDOW_PRESETS:
+        raise FemurSegError(f"Window preset '{preset}' is not one of {', '.join(WINDOW_PRESETS)}.")
+    display = volume_node.GetDisplayNode() if volume_node is not None else None
+    if display is None:
+        raise FemurSegError("Load a CT first.")
+    display.AutoWindowLevelOff()
+    display.SetWindowLevel(*WINDOW_PRESETS[preset])
 
 
 def describe_result(femurs: Sequence[Any], warnings: Sequence[str]) -> str:
@@ -205,6 +291,7 @@ def add_label_as_segment(scene: Any, seg_logic: Any, label: sitk.Image, ct_volum
         segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(ct_volume_node)
         segment = _import_mask(seg_logic, segmentation_node, mask_array(label), ct, name, color)
         segment.SetTerminology(femur_terminology(laterality))
+        show_as_outline(segmentation_node)
     return segmentation_node
 
 
@@ -322,28 +409,39 @@ def load_fill_label(scene: Any, seg_logic: Any, path: str | os.PathLike, ct_volu
 def compare_segmentations(scene: Any, seg_logic: Any, reference_seg_node: Any, other_seg_node: Any,
                           ct_volume_node: Any, reference_segment_id: str | None = None,
                           other_segment_id: str | None = None) -> Comparison:
-    """Metrics table, "nnU-Net only"/"fill only" segments and the worst axial slice of reference vs other."""
+    """Fill (``other``) against nnU-Net (``reference``): a table row per reference femur segment (the fill split
+    between them by the nearer femur) and one for both, "nnU-Net only"/"fill only" segments, the worst axial slices
+    and warnings for an implausible fill. Both GUIs call it again after every edit of either draft."""
     ct = sitk_from_volume_node(ct_volume_node)
-    reference_mask = _femur_mask(scene, seg_logic, reference_seg_node, reference_segment_id, ct_volume_node)
+    segmentation = reference_seg_node.GetSegmentation() if reference_seg_node is not None else None
+    femurs = [(segmentation.GetSegment(i).GetName().removesuffix(" (nnU-Net)"),
+               mask_array(segment_to_sitk(scene, seg_logic, reference_seg_node, i, ct_volume_node)))
+              for i in femur_segment_ids(reference_seg_node, reference_segment_id)]
+    reference_mask = np.logical_or.reduce([mask for _, mask in femurs])
     other_mask = _femur_mask(scene, seg_logic, other_seg_node, other_segment_id, ct_volume_node)
     spacing_zyx = tuple(float(v) for v in reversed(ct.GetSpacing()))
     agreement = metrics.compare_masks(reference_mask, other_mask, spacing_zyx)
-    worst = metrics.worst_slice(reference_mask, other_mask, axis=0)
-    centre = ((ct.GetSize()[0] - 1) / 2.0, (ct.GetSize()[1] - 1) / 2.0, float(worst))
-    worst_ras = tuple(float(v) for v in LPS_TO_RAS @ np.array(ct.TransformContinuousIndexToPhysicalPoint(centre)))
+    parts = _split_by_nearest(other_mask, [mask for _, mask in femurs], ct)
+    rows = [FemurComparison(name, _agreement_or_missed(mask, part, spacing_zyx))
+            for (name, mask), part in zip(femurs, parts)]
+    if len(rows) > 1:
+        rows.append(FemurComparison("Both femurs", agreement))
+    voxel_ml = float(np.prod(spacing_zyx)) / 1000.0
+    places = tuple(WorstPlace(index, count * voxel_ml, _slice_centre_ras(ct, index))
+                   for index, count in metrics.worst_slices(reference_mask, other_mask))
 
     table_node = slicer.vtkMRMLTableNode()
-    table_node.SetName(f"{reference_seg_node.GetName()} vs {other_seg_node.GetName()}")
-    names, values = vtkStringArray(), vtkDoubleArray()
-    names.SetName("Metric")
-    values.SetName("Value")
-    for metric, value in agreement.as_dict().items():
-        names.InsertNextValue(metric)
-        values.InsertNextValue(float(value))
-    names.InsertNextValue("worst_slice_k")
-    values.InsertNextValue(float(worst))
-    table_node.AddColumn(names)
-    table_node.AddColumn(values)
+    table_node.SetName(f"{other_seg_node.GetName()} vs {reference_seg_node.GetName()} (reference)")
+    columns = []
+    for title in COMPARISON_COLUMNS:
+        column = vtkStringArray()
+        column.SetName(title)
+        table_node.AddColumn(column)
+        columns.append(column)
+    for row in rows:
+        index = table_node.AddEmptyRow()
+        for column, text in enumerate(row.cells()):
+            table_node.SetCellText(index, column, text)
 
     disagreement_node = slicer.vtkMRMLSegmentationNode()
     disagreement_node.SetName(f"{ct_volume_node.GetName()} disagreement")
@@ -354,8 +452,73 @@ def compare_segmentations(scene: Any, seg_logic: Any, reference_seg_node: Any, o
                      COLOR_NNUNET_ONLY)
         _import_mask(seg_logic, disagreement_node, other_mask & ~reference_mask, ct, SEGMENT_FILL_ONLY,
                      COLOR_FILL_ONLY)
+        disagreement_node.GetDisplayNode().SetOpacity2DFill(0.7)
         scene.AddNode(table_node)
-    return Comparison(table_node, disagreement_node, agreement, worst, worst_ras)
+    warnings = fill_warnings(rows[:len(femurs)], [mask for _, mask in femurs], other_mask)
+    return Comparison(table_node, disagreement_node, tuple(rows), agreement, places, tuple(warnings))
+
+
+def remove_comparison(scene: Any, comparison: Comparison | None) -> None:
+    """Take an earlier comparison's table and disagreement segments out of the scene (before comparing again)."""
+    if comparison is not None:
+        for node in (comparison.table_node, comparison.disagreement_node):
+            _remove_node(scene, node)
+
+
+def fill_warnings(rows: Sequence[FemurComparison], femur_masks: Sequence[np.ndarray],
+                  fill_mask: np.ndarray) -> list[str]:
+    """What makes a fill implausible as a femur segmentation, judged against nnU-Net's femurs (one row each):
+    a femur it mostly misses, much more bone than the femur (hip bone, potting), one piece spanning two femurs."""
+    found = []
+    for row in rows:
+        a = row.agreement
+        if a.sensitivity < 0.5:
+            found.append(f"the fill misses {100 * (1 - a.sensitivity):.0f}% of {row.femur} (nnU-Net)")
+        elif a.volume_ml_other > 1.3 * a.volume_ml_reference:
+            found.append(f"the fill has {100 * (a.volume_ml_other / a.volume_ml_reference - 1):.0f}% more volume "
+                         f"than {row.femur} (nnU-Net): hip bone or potting?")
+        elif a.dice < 0.7:
+            found.append(f"fill and nnU-Net disagree on {row.femur} (Dice {a.dice:.2f})")
+    if len(femur_masks) > 1:
+        pieces, _ = ndimage.label(fill_mask, structure=np.ones((3, 3, 3), dtype=bool))
+        touched = [set(np.unique(pieces[mask]).tolist()) - {0} for mask in femur_masks]
+        if set.intersection(*touched):
+            found.append("the fill is one piece joining both femurs (through the hip bone?)")
+    return found
+
+
+def _agreement_or_missed(reference: np.ndarray, other: np.ndarray, spacing_zyx: tuple[float, ...]) -> metrics.Agreement:
+    """compare_masks, or for a femur the fill has no voxel of: the agreement of missing it (Dice 0)."""
+    if other.any():
+        return metrics.compare_masks(reference, other, spacing_zyx)
+    voxel_ml = float(np.prod(spacing_zyx)) / 1000.0
+    return metrics.Agreement(dice=0.0, sensitivity=0.0, specificity=1.0, asd_mm=float("nan"), hd95_mm=float("nan"),
+                             volume_ml_reference=np.count_nonzero(reference) * voxel_ml, volume_ml_other=0.0)
+
+
+def _split_by_nearest(mask: np.ndarray, femur_masks: Sequence[np.ndarray], ct: sitk.Image) -> list[np.ndarray]:
+    """``mask`` cut into one part per femur: each voxel goes to the femur whose centroid is nearest (in mm)."""
+    if len(femur_masks) == 1:
+        return [mask]
+    to_mm = np.array(ct.GetDirection()).reshape(3, 3) @ np.diag(ct.GetSpacing())
+
+    def millimetres(indices_zyx: np.ndarray) -> np.ndarray:
+        return indices_zyx[:, ::-1].astype(float) @ to_mm.T
+
+    centroids = np.array([millimetres(np.argwhere(m)).mean(axis=0) for m in femur_masks])
+    voxels = np.argwhere(mask)
+    nearest = np.argmin(np.linalg.norm(millimetres(voxels)[:, None, :] - centroids[None], axis=2), axis=1)
+    parts = []
+    for index in range(len(femur_masks)):
+        part = np.zeros_like(mask)
+        part[tuple(voxels[nearest == index].T)] = True
+        parts.append(part)
+    return parts
+
+
+def _slice_centre_ras(ct: sitk.Image, k: int) -> tuple[float, float, float]:
+    centre = ((ct.GetSize()[0] - 1) / 2.0, (ct.GetSize()[1] - 1) / 2.0, float(k))
+    return tuple(float(v) for v in LPS_TO_RAS @ np.array(ct.TransformContinuousIndexToPhysicalPoint(centre)))
 
 
 def _femur_mask(scene: Any, seg_logic: Any, segmentation_node: Any, segment_id: str | None,
@@ -420,15 +583,34 @@ def export_segment(scene: Any, seg_logic: Any, segmentation_node: Any, segment_i
                                force=force)
 
 
+def describe_export(scene: Any, seg_logic: Any, segmentation_node: Any, segment_id: str | None,
+                    ct_volume_node: Any) -> str:
+    """What export_segment would write into the label, segment by segment with volumes, for the GUIs to show
+    before the user writes it (a fill or one femur of two is then seen, not found later in the dataset)."""
+    ids = femur_segment_ids(segmentation_node, segment_id)
+    segmentation = segmentation_node.GetSegmentation()
+    masks = [mask_array(segment_to_sitk(scene, seg_logic, segmentation_node, i, ct_volume_node)) for i in ids]
+    voxel_ml = float(np.prod(ct_volume_node.GetSpacing())) / 1000.0
+    parts = " + ".join(f"{segmentation.GetSegment(i).GetName()} {np.count_nonzero(m) * voxel_ml:.1f} ml"
+                       for i, m in zip(ids, masks))
+    total = np.count_nonzero(np.logical_or.reduce(masks)) * voxel_ml
+    return f"The label will hold {parts}" + (f" ({total:.1f} ml of femur)." if len(ids) > 1 else ".")
+
+
 def export_segment_surface(scene: Any, seg_logic: Any, segmentation_node: Any, segment_id: str | None,
                            ct_volume_node: Any, path: str | os.PathLike,
-                           options: surface.SurfaceOptions = surface.SurfaceOptions()) -> surface.SurfaceCheck:
+                           options: surface.SurfaceOptions = surface.SurfaceOptions(),
+                           replace: bool = False) -> surface.SurfaceCheck:
     """One segment's (none chosen: the node's femur segments together) watertight surface for meshing, made
-    from its voxels exactly as ``femurseg surface`` does.
+    from its voxels exactly as ``femurseg surface`` does. An existing file is refused unless ``replace``: the
+    GUIs' one rule for what is there already, as for dataset cases.
 
     Slicer's closed-surface representation is for display (its smoothing and decimation are the viewer's); the
     file is made from the segment's labelmap on the CT grid, so it is the same for the CLI, batch and both GUIs.
     """
+    if os.path.lexists(path) and not replace:
+        raise AlreadyExists(f"Surface file '{Path(path).name}' already exists; choose another name, or replace it (",
+                            ").")
     label = femur_label(scene, seg_logic, segmentation_node, segment_id, ct_volume_node)
     return surface.write_label_surface(label, path, options)
 
