@@ -44,7 +44,7 @@ from .modelschema import check_card, check_dataset_json, check_plans, check_tree
 BUNDLED_MODELS_DIR = Path(__file__).resolve().parent.parent / "Resources" / "Models"
 DEFAULT_MODEL = "FemurReal3dSmall-v6"
 MAX_ZIP_BYTES = 4 * 1024**3
-MAX_ZIP_MEMBERS = 5000
+MAX_ZIP_MEMBERS = 20_000  # as modelschema.MAX_ENTRIES
 MAX_COMPRESSION_RATIO = 100  # deflated checkpoints shrink ~1.1x, JSON ~10x; a zip bomb 1000x
 ZIP_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflated"}
 TRUST_FILE = ".femurseg-trust.json"

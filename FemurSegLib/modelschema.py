@@ -24,7 +24,7 @@ from typing import Any
 from .errors import FemurSegError
 from .iopolicy import plain_component, read_bytes, shown
 
-MAX_ENTRIES = 5000
+MAX_ENTRIES = 20_000  # a results folder with cross-validation predictions holds thousands
 MAX_DEPTH = 8
 MAX_JSON_BYTES = 16 * 1024**2
 DATASET_NAME = r"Dataset\d{3}_[A-Za-z0-9_-]+"

@@ -1140,8 +1140,8 @@ for _name, _build, _message in [
     ("a zip with an absolute member", lambda f: model_zip(f, entry("/tmp/escaped.txt")), "unsafe entry"),
     ("a zip with an encrypted member", lambda f: patch_central(model_zip(f), "model_card.json", 8,
                                                                (1).to_bytes(2, "little")), "encrypted"),
-    ("a zip of 6000 entries", lambda f: model_zip(f, lambda a: [a.writestr(f"n/{i}", b"") for i in range(6000)]),
-     "6\\d{3} entries"),
+    ("a zip of 20 001 entries", lambda f: model_zip(f, lambda a: [a.writestr(f"n/{i}", b"")
+                                                                   for i in range(20_001)]), "200\\d\\d entries"),
     ("a text file named .zip", lambda f: then((f / "model.zip").write_text("not a zip"), f / "model.zip"),
      "not a readable zip"),
     ("a FIFO named .zip", lambda f: fifo(f, "model.zip"), "not a regular file"),
