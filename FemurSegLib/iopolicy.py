@@ -252,10 +252,11 @@ def check_output_file(path: str | os.PathLike, inputs: Iterable[str | os.PathLik
     return path
 
 
-def prepare_output_folder(folder: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (),
-                          input_folders: Iterable[str | os.PathLike] = (), what: str = "Output folder") -> Path:
-    """Create ``folder`` if needed, after checking it against the inputs, and make sure it takes a write."""
-    folder = check_against_inputs(folder, inputs, input_folders, what)
+def prepare_output_folder(folder: str | os.PathLike, input_folders: Iterable[str | os.PathLike] = (),
+                          what: str = "Output folder") -> Path:
+    """Create ``folder`` if needed, after checking it is not inside a folder read as a whole, and make sure it
+    takes a write."""
+    folder = check_against_inputs(folder, (), input_folders, what)
     if folder.exists() and not folder.is_dir():
         raise FemurSegError(f"{what} '{shown(folder)}' is a file; choose a folder name.")
     try:
