@@ -14,6 +14,7 @@ from trame.widgets.vuetify3 import (
     VAlert,
     VBtn,
     VCard,
+    VCheckbox,
     VCardText,
     VCardTitle,
     VDivider,
@@ -26,9 +27,13 @@ from trame.widgets.vuetify3 import (
     VTextField,
 )
 
-METRIC_ROWS = (("dice", "Dice"), ("sensitivity", "Sensitivity"), ("specificity", "Specificity"),
-               ("asd_mm", "Average surface distance (mm)"), ("hd95_mm", "95% Hausdorff distance (mm)"),
-               ("volume_ml_reference", "Volume nnU-Net (ml)"), ("volume_ml_other", "Volume fill (ml)"))
+# Messages wrap instead of running off the panel; disabled controls look disabled (Vuetify's tonal buttons barely
+# change); the drawer's cards stay clear of the sticky message.
+PAGE_CSS = """
+#fs-message .v-alert__content { white-space: normal; overflow-wrap: anywhere; }
+.v-btn--disabled, .v-input--disabled, .v-selection-control--disabled { opacity: 0.38 !important; filter: grayscale(1); }
+#fs-metrics td, #fs-metrics th { padding: 0 4px !important; font-size: 12px; white-space: nowrap; }
+"""
 
 
 def _upload_js(kind: str) -> str:
@@ -46,6 +51,7 @@ class FemurSegPanel(html.Div):
     def __init__(self, actions: dict[str, Callable], **kwargs) -> None:
         super().__init__(classes="pa-2", **kwargs)
         with self:
+            html.Style(PAGE_CSS)
             VAlert(
                 v_if=("fs_message",),
                 id="fs-message",
@@ -108,17 +114,32 @@ class FemurSegPanel(html.Div):
     @staticmethod
     def _compare_card() -> None:
         VDivider()
-        with VCard(variant="flat", v_if=("fs_metrics.length",)):
-            VCardTitle("3. nnU-Net vs fill", classes="text-subtitle-1")
+        with VCard(variant="flat"):
+            VCardTitle("3. Compare", classes="text-subtitle-1")
             with VCardText():
-                with VTable(density="compact", id="fs-metrics"):
-                    with html.Thead(), html.Tr():
-                        html.Th("metric")
-                        html.Th("fill vs nnU-Net")
-                    with html.Tbody(), html.Tr(v_for="row in fs_metrics", key="row.metric"):
-                        html.Td("{{ row.metric }}")
-                        html.Td("{{ row.value }}")
-                html.Div("{{ fs_worst_slice }}", classes="text-caption mt-1")
+                html.Div(v_html=("fs_legend",), id="fs-legend", classes="text-caption mb-2")
+                with html.Div(classes="mb-2"):
+                    VBtn("Bone window", id="fs-window-bone", click="trigger('fs_window', ['bone'])", size="small",
+                         variant="tonal", disabled=("!fs_ct_name",), classes="mr-2")
+                    VBtn("Soft-tissue window", id="fs-window-soft", click="trigger('fs_window', ['soft tissue'])",
+                         size="small", variant="tonal", disabled=("!fs_ct_name",))
+                html.Div("Segment and Compute fill to compare them.", v_if=("!fs_rows.length",),
+                         classes="text-caption")
+                with html.Div(v_if=("fs_rows.length",)):
+                    html.Div("{{ fs_comparison_title }}", id="fs-comparison-title", classes="text-body-2")
+                    with VTable(density="compact", id="fs-metrics"):
+                        with html.Thead(), html.Tr():
+                            html.Th("{{ column }}", v_for="column in fs_columns", key="column")
+                        with html.Tbody(), html.Tr(v_for="row in fs_rows", key="row[0]"):
+                            html.Td("{{ cell }}", v_for="(cell, i) in row", key="i")
+                    VAlert(v_if=("fs_comparison_warning",), id="fs-comparison-warning", type="warning",
+                           density="compact", variant="tonal", text=("fs_comparison_warning",), classes="mt-1")
+                    VBtn("Jump to worst slice", id="fs-jump-worst", click="trigger('fs_jump', [0])", size="small",
+                         variant="tonal", disabled=("!fs_worst_places.length",), classes="mt-2")
+                    with html.Ol(id="fs-worst-places", classes="text-caption ml-4 mt-1"):
+                        with html.Li(v_for="place in fs_worst_places", key="place.index"):
+                            VBtn("{{ place.title }}", variant="text", size="x-small", density="compact",
+                                 click="trigger('fs_jump', [place.index])")
 
     @staticmethod
     def _export_card(actions: dict[str, Callable]) -> None:
@@ -127,23 +148,29 @@ class FemurSegPanel(html.Div):
             VCardTitle("4. Correct and export to a training dataset", classes="text-subtitle-1")
             with VCardText():
                 VSelect(v_model=("fs_target_segment", ""), items=("fs_segment_items", []), id="fs-target-segment",
-                        label="Segment to correct and export", density="compact", hide_details=True,
-                        hint="the Segment Editor tools (left bar, Segment Editor tab) act on it", classes="mb-2")
+                        label="Segment to correct (the Segment Editor tools act on it)", density="compact",
+                        hide_details=True, classes="mb-2")
+                VSelect(v_model=("fs_export_target",), items=("fs_export_items", []), id="fs-export-target",
+                        label="Export", density="compact", hide_details=True, classes="mb-1")
+                html.Div("{{ fs_export_preview }}", id="fs-export-preview", classes="text-caption mb-2")
                 VTextField(v_model=("fs_dataset", "Dataset101_FemurCorrected"), id="fs-dataset",
                            label="Dataset folder", density="compact", hide_details=True, classes="mb-2")
-                VTextField(v_model=("fs_case", "case001"), id="fs-case", label="Case name", density="compact",
-                           hide_details=True, classes="mb-2")
+                VTextField(v_model=("fs_case",), id="fs-case", label="Case name (from the CT's file name)",
+                           density="compact", hide_details=True, classes="mb-2")
                 with VRadioGroup(v_model=("fs_split", "train"), inline=True, density="compact", hide_details=True):
                     VRadio(label="train", value="train", id="fs-split-train")
                     VRadio(label="test", value="test", id="fs-split-test")
-                VBtn("Export", id="fs-export", click="trigger('fs_export', [fs_dataset, fs_case, fs_split, fs_target_segment])", color="primary", size="small",
-                     disabled=("fs_busy || !fs_ct_name",))
+                VCheckbox(v_model=("fs_replace",), id="fs-replace", density="compact", hide_details=True,
+                          label="Replace a case or surface of that name (the old case is kept in femurseg/replaced/)")
+                VBtn("Export", id="fs-export", color="primary", size="small", disabled=("fs_busy || !fs_ct_name",),
+                     click="trigger('fs_export', [fs_dataset, fs_case, fs_split, fs_export_target, fs_replace])")
                 with html.Div(classes="d-flex align-center mt-2"):
                     VSelect(v_model=("fs_surface_format", "stl"), items=("['stl', 'vtk', 'vtp', 'obj']",),
                             id="fs-surface-format", label="Surface", density="compact", hide_details=True,
                             style="max-width: 110px;", classes="mr-2")
                     VBtn("Export surface", id="fs-export-surface", size="small", variant="tonal",
-                         click="trigger('fs_export_surface', [fs_case, fs_surface_format, fs_target_segment])",
+                         click="trigger('fs_export_surface', [fs_case, fs_surface_format, fs_export_target, "
+                               "fs_replace])",
                          disabled=("fs_busy || !fs_ct_name",))
                 html.Div("Datasets root: {{ fs_datasets_root }}", classes="text-caption mt-1")
 

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,20 +24,20 @@ import slicer
 from trame_server import Server
 from trame_slicer.app.logic import SegmentEditorLogic
 from trame_slicer.core import SlicerApp
-from trame_slicer.segmentation import SegmentationOverwriteMode
+from trame_slicer.segmentation import SegmentationOpacityEnum, SegmentationOverwriteMode
 
 from .. import scene
+from ..dataset import case_name_from_file
 from ..demo import SAMPLE_CT
-from ..errors import FemurSegError
+from ..errors import AlreadyExists, FemurSegError
 from ..fill import compute_fill
 from ..finetune import summary
 from ..finetune_runner import FinetuneProcess
 from ..imageio import read_ct
 from ..models import list_models
 from ..runner import SegmentationJob, SegmentationWorker
-from .panel import METRIC_ROWS
-from .safety import (SURFACES_FOLDER, check_case_name, check_minutes, check_split, check_upload_size,
-                     dataset_dir_inside, model_by_name, read_inside, surface_path_inside, validated_upload)
+from .review import Review
+from .safety import check_minutes, check_upload_size, dataset_dir_inside, model_by_name, read_inside, validated_upload
 
 logger = logging.getLogger(__name__)
 POLL_S = 0.25
@@ -60,30 +61,29 @@ class Workflow:
         self.seg_logic = slicer_app.segmentations_logic
         self.volume_node: Any = None
         self.drafts: dict[str, Any] = {}  # segment name -> its segmentation node
-        self.comparison: scene.Comparison | None = None
         self.worker = SegmentationWorker()
         self.process: SegmentationJob | None = None
         self.finetune_process: FinetuneProcess | None = None
         self.state.update({
             "fs_message": "", "fs_message_type": "info", "fs_ct_name": "", "fs_busy": False, "fs_uploading": False,
-            "fs_segmenting": False, "fs_progress": 0.0, "fs_stage": "", "fs_metrics": [], "fs_worst_slice": "",
+            "fs_segmenting": False, "fs_progress": 0.0, "fs_stage": "", "fs_case": "case001",
             "fs_segment_items": [], "fs_target_segment": "", "fs_max_upload": max_upload_bytes,
             "fs_datasets_root": str(datasets_root), "fs_open_roots": ", ".join(str(r) for r in open_roots),
             "fs_model_items": [], "fs_model": "", "fs_ft_running": False, "fs_ft_progress": 0.0, "fs_ft_stage": "",
             "fs_ft_result": "",
         })
+        self.review = Review(self)
         self._refresh_models()
         self.server.trigger("fs_upload")(self.upload)
         self.server.trigger("fs_upload_refused")(self.upload_refused)
         self.server.trigger("fs_open_path")(self.open_path)
         self.server.trigger("fs_load_fill_path")(self.load_fill_path)
-        self.server.trigger("fs_export")(self.export)
-        self.server.trigger("fs_export_surface")(self.export_surface)
         self.server.trigger("fs_finetune")(self.finetune)
         self.state.change("fs_target_segment")(self._on_target_segment)
         # Segments added or selected in the Segment Editor show up in (and drive) the panel's segment choice.
         editor = slicer_app.segmentation_editor
         editor.segmentation_modified.connect(self._update_segment_items)
+        editor.segmentation_modified.connect(self.review.on_edit)
         editor.active_segment_id_changed.connect(self._on_editor_segment)
 
     def actions(self) -> dict[str, Callable]:
@@ -102,42 +102,50 @@ class Workflow:
 
     # -- messages ---------------------------------------------------------------------------------------------
 
-    def _say(self, text: str, kind: str = "info") -> None:
+    def say(self, text: str, kind: str = "info") -> None:
         with self.state:
             self.state.fs_message, self.state.fs_message_type = text, kind
 
-    def _guarded(self, what: str, action: Callable[[], Any]) -> Any:
-        """Run ``action``; show a FemurSegError (or any other failure) in the page instead of raising."""
+    @staticmethod
+    def log_action(what: str, details: object = "") -> None:
+        """One server-log line per user action, to follow a session afterwards."""
+        logger.info("action: %s%s", what, f" {details}" if details != "" else "")
+
+    def guarded(self, what: str, action: Callable[[], Any], details: object = "") -> Any:
+        """Log the action and run it; show a FemurSegError (or any other failure) in the page instead of raising.
+        What is there already is refused with this page's advice (the Replace box), not the command line's."""
+        self.log_action(what, details)
         try:
             return action()
+        except AlreadyExists as error:
+            self.say(error.advice("tick Replace"), "error")
         except FemurSegError as error:
-            self._say(str(error), "error")
+            self.say(str(error), "error")
         except Exception as error:  # the server must survive any single bad request
             logger.exception("%s failed", what)
-            self._say(f"{what} failed unexpectedly: {error}", "error")
+            self.say(f"{what} failed unexpectedly: {error}", "error")
         return None
 
     # -- opening -----------------------------------------------------------------------------------------------
 
     def load_sample(self) -> None:
-        self._guarded("Loading the sample", lambda: self._load_ct(SAMPLE_CT, read_ct(SAMPLE_CT, "sample CT"),
+        self.guarded("Loading the sample", lambda: self._load_ct(SAMPLE_CT, read_ct(SAMPLE_CT, "sample CT"),
                                                                    SAMPLE_CT.name))
 
     def open_path(self, text: str) -> None:
         def run() -> None:
             path, image = read_inside(str(text or ""), self.open_roots, "CT", "ct")
             self._load_ct(path, image, path.name)
-        self._guarded("Opening the CT", run)
+        self.guarded("Opening the CT", run, text)
 
     def load_fill_path(self, text: str) -> None:
         def run() -> None:
             path, image = read_inside(str(text or ""), self.open_roots, "fill label", "fill")
-            self._show_fill(image)
-            self._say(f"Loaded fill label {path.name}.", "success")
-        self._guarded("Loading the fill", run)
+            self._show_fill(image, f"Loaded fill label {path.name}")
+        self.guarded("Loading the fill", run, text)
 
     def upload_refused(self, name: str, size: int, _kind: str) -> None:
-        self._guarded("Upload", lambda: check_upload_size(str(name), int(size), self.max_upload_bytes))
+        self.guarded("Upload", lambda: check_upload_size(str(name), int(size), self.max_upload_bytes))
 
     def upload(self, file: dict, kind: str) -> None:
         """A file sent by the page: validated in a temporary file before anything is loaded."""
@@ -150,10 +158,9 @@ class Workflow:
                 self._load_ct(path, image, name)
             else:
                 path.unlink(missing_ok=True)
-                self._show_fill(image)
-                self._say(f"Loaded fill label {name}.", "success")
+                self._show_fill(image, f"Loaded fill label {name}")
         try:
-            self._guarded("Upload", run)
+            self.guarded("Upload", run, f"{kind} {file.get('name', '')}")
         finally:
             with self.state:
                 self.state.fs_uploading = False
@@ -163,7 +170,7 @@ class Workflow:
         self.cancel()
         self.slicer_app.scene.Clear()
         self.drafts.clear()
-        self.comparison = None
+        self.review.clear()
         if self.ct_path is not None and self.ct_path != path and self.ct_path.parent == self.work_dir:
             self.ct_path.unlink(missing_ok=True)  # the previous upload is no longer needed
         self.ct_image, self.ct_path, self.ct_source = image, path, name
@@ -175,9 +182,9 @@ class Workflow:
         display.set_node_visible_in_group(self.volume_node, None)
         display.reset_views()
         with self.state:
-            self.state.update({"fs_ct_name": name, "fs_metrics": [], "fs_worst_slice": "", "fs_progress": 0.0})
+            self.state.update({"fs_ct_name": name, "fs_progress": 0.0, "fs_case": case_name_from_file(name)})
         self._refresh_segments()
-        self._say(f"Loaded {name} ({' x '.join(map(str, image.GetSize()))} voxels).", "success")
+        self.say(f"Loaded {name} ({' x '.join(map(str, image.GetSize()))} voxels).", "success")
 
     def _editor_defaults(self) -> None:
         # Drafts, comparison segments and corrections overlap: editing one must never erase another.
@@ -185,19 +192,32 @@ class Workflow:
         editor.set_overwrite_mode(SegmentationOverwriteMode.ALLOW_OVERLAP)
         # Show the edited segment in 3D too (trame-slicer's default is 2D only), kept in the editor's state.
         editor.set_surface_representation_enabled(True)
-        self.editor_logic.data.segment_display.show_3d = True
+        display = self.editor_logic.data.segment_display
+        display.show_3d = True
+        # The editor's display panel re-applies its settings to the edited node: they must be the drafts' outlines
+        # (scene.show_as_outline), opaque, or every display change would fill them again.
+        display.opacity_mode = SegmentationOpacityEnum.OUTLINE
+        display.border_thickness.value = scene.OUTLINE_THICKNESS
+        display.opacity_2d.value = 1.0
 
     # -- drafts ------------------------------------------------------------------------------------------------
 
-    def _require_ct(self) -> sitk.Image:
+    def require_ct(self) -> sitk.Image:
         if self.ct_image is None:
             raise FemurSegError("Load a CT first.")
         return self.ct_image
 
-    def _show_fill(self, label: sitk.Image) -> None:
-        self._require_ct()
+    def _show_fill(self, label: sitk.Image, done: str) -> None:
+        """Show a fill and say ``done``: with the comparison when there is an nnU-Net draft, a warning when the
+        fill looks wrong (a femur missed, hip bone taken)."""
+        self.require_ct()
         self._set_draft(scene.SEGMENT_FILL, scene.add_label_as_segment(
             self.slicer_app.scene, self.seg_logic, label, self.volume_node, scene.SEGMENT_FILL, scene.COLOR_FILL))
+        comparison = self.review.comparison
+        if comparison is None:
+            self.say(f"{done}.", "success")
+        else:
+            self.say(f"{done}; {comparison.describe()}", "warning" if comparison.warnings else "success")
 
     def _set_draft(self, segment_name: str, node: Any) -> None:
         """Show a draft node (replacing an older one of its kind), compare when both exist."""
@@ -208,23 +228,13 @@ class Workflow:
         node.CreateClosedSurfaceRepresentation()
         for view in self.slicer_app.view_manager.get_threed_views():
             view.reset_view()  # frame the new surfaces: the 3D view shows no volume rendering to frame it by
-        if scene.SEGMENT_NNUNET in self.drafts and scene.SEGMENT_FILL in self.drafts:
-            self._compare()
-        self._edit(node)
-        self._refresh_segments(select=f"{node.GetID()}:{node.GetSegmentation().GetNthSegmentID(0)}")
-
-    def _compare(self) -> None:
-        if self.comparison is not None:
-            self._remove_nodes([self.comparison.table_node, self.comparison.disagreement_node])
-        self.comparison = scene.compare_segmentations(
-            self.slicer_app.scene, self.seg_logic, self.drafts[scene.SEGMENT_NNUNET], self.drafts[scene.SEGMENT_FILL],
-            self.volume_node)
-        values = self.comparison.agreement.as_dict()
-        with self.state:
-            self.state.fs_metrics = [{"metric": title, "value": f"{values[key]:.3f}"} for key, title in METRIC_ROWS]
-            self.state.fs_worst_slice = (f"Largest disagreement on axial slice {self.comparison.worst_slice_index} "
-                                         "(shown); orange = nnU-Net only, blue = fill only.")
-        slicer.vtkMRMLSliceNode.JumpAllSlices(self.slicer_app.scene, *self.comparison.worst_slice_ras)
+        self.review.compare(jump=True)
+        if segment_name == scene.SEGMENT_NNUNET or self.state.fs_target_segment not in self.segments():
+            self._edit(node)  # corrections go to nnU-Net's draft; a fill is edited only when the user picks it
+            self._refresh_segments(select=f"{node.GetID()}:{node.GetSegmentation().GetNthSegmentID(0)}")
+        else:
+            self._refresh_segments()
+        self.review.update_preview()
 
     def _remove_nodes(self, nodes: list[Any]) -> None:
         for node in nodes:
@@ -244,7 +254,7 @@ class Workflow:
             editor.set_active_segmentation(node, self.volume_node)
             self._editor_defaults()
 
-    def _segments(self) -> dict[str, tuple[Any, str, str]]:
+    def segments(self) -> dict[str, tuple[Any, str, str]]:
         """Every segment in the scene as ``"nodeID:segmentID" -> (node, segment id, name)``."""
         found = {}
         for node in self.slicer_app.scene.GetNodesByClass("vtkMRMLSegmentationNode"):
@@ -256,11 +266,12 @@ class Workflow:
         return found
 
     def _update_segment_items(self, *_: Any) -> dict[str, tuple[Any, str, str]]:
-        segments = self._segments()
+        segments = self.segments()
         items = [{"title": name, "value": key} for key, (_, _, name) in segments.items()]
         if items != self.state.fs_segment_items:
             with self.state:
                 self.state.fs_segment_items = items
+        self.review.update_items(segments)
         return segments
 
     def _on_editor_segment(self, segment_id: str, *_: Any) -> None:
@@ -280,7 +291,7 @@ class Workflow:
 
     def _on_target_segment(self, fs_target_segment: str, **_: Any) -> None:
         """The panel's segment choice drives the Segment Editor: tools act on that segment."""
-        node_segment = self._segments().get(fs_target_segment or "")
+        node_segment = self.segments().get(fs_target_segment or "")
         if node_segment is None:
             return
         node, segment_id, _ = node_segment
@@ -291,23 +302,24 @@ class Workflow:
 
     def segment(self) -> None:
         def run() -> None:
-            self._require_ct()
+            self.require_ct()
             if self.process is not None:
                 raise FemurSegError("A segmentation is already running.")
             self.process = self.worker.segment(self.ct_image, model=model_by_name(self.state.fs_model))
             with self.state:
                 self.state.update({"fs_segmenting": True, "fs_progress": 0.0, "fs_stage": "starting"})
-            self._say("Segmenting…")
+            self.say("Segmenting…")
             asyncio.get_event_loop().create_task(self._watch(self.process))
-        self._guarded("Segmentation", run)
+        self.guarded("Segmentation", run)
 
     async def _watch(self, process: SegmentationJob) -> None:
-        """Mirror the child's progress into the page until it ends, then show its label."""
+        """Mirror the child's progress and the time so far into the page until it ends, then show its label."""
+        started = time.monotonic()
         while True:
             state = process.poll()
             with self.state:
                 self.state.fs_progress = round(100 * state.progress, 1)
-                self.state.fs_stage = state.stage
+                self.state.fs_stage = f"{state.stage}, {time.monotonic() - started:.0f} s"
             if state.finished:
                 break
             await asyncio.sleep(POLL_S)
@@ -316,23 +328,24 @@ class Workflow:
         with self.state:
             self.state.fs_segmenting = False
         if state.cancelled:
-            self._say("Segmentation cancelled.", "warning")
+            self.say("Segmentation cancelled.", "warning")
         elif state.error:
-            self._say(state.error, "error")
+            self.say(state.error, "error")
         elif state.output is not None:
-            self._guarded("Showing the segmentation", lambda: self._finish_segment(process))
+            self.guarded("Showing the segmentation", lambda: self._finish_segment(process))
 
     def _finish_segment(self, process: SegmentationJob) -> None:
         label = process.result()
-        self._require_ct()
+        self.require_ct()
         node = scene.add_femur_segments(self.slicer_app.scene, self.seg_logic, label, self.volume_node,
                                         process.state.femurs)
         if node is not None:
             self._set_draft(scene.SEGMENT_NNUNET, node)
-        compared = " Compared with fill." if node is not None and self.state.fs_metrics else ""
+        comparison = self.review.comparison if node is not None else None
+        compared = f" Compared with fill: {comparison.describe()}" if comparison is not None else ""
         found = scene.describe_result(process.state.femurs, process.state.warnings)
-        ok = node is not None and not process.state.warnings
-        self._say(f"{found}{compared} (model {self.state.fs_model})", "success" if ok else "warning")
+        ok = node is not None and not process.state.warnings and not (comparison and comparison.warnings)
+        self.say(f"{found}{compared} (model {self.state.fs_model})", "success" if ok else "warning")
 
     def cancel(self) -> None:
         process, self.process = self.process, None
@@ -340,64 +353,23 @@ class Workflow:
             process.cancel()
 
     async def compute_fill(self) -> None:
+        self.log_action("Compute fill")
         try:
-            ct = self._require_ct()
+            ct = self.require_ct()
             with self.state:
                 self.state.fs_busy = True
-            self._say("Computing fill…")
+            self.say("Computing fill…")
             label = await asyncio.to_thread(compute_fill, ct)
             if ct is self.ct_image:
-                self._guarded("Showing the fill", lambda: self._show_fill(label))
-                self._say("Fill computed" + (" and compared with nnU-Net." if self.state.fs_metrics else "."),
-                          "success")
+                self.guarded("Showing the fill", lambda: self._show_fill(label, "Fill computed"))
         except FemurSegError as error:
-            self._say(str(error), "error")
+            self.say(str(error), "error")
         except Exception as error:
             logger.exception("fill failed")
-            self._say(f"Fill failed unexpectedly: {error}", "error")
+            self.say(f"Fill failed unexpectedly: {error}", "error")
         finally:
             with self.state:
                 self.state.fs_busy = False
-
-    # -- export ------------------------------------------------------------------------------------------------
-
-    def export(self, dataset_name: str, case_name: str, split: str, target_key: str) -> None:
-        """Export the chosen segment with the CT as a case of ``datasets_root/dataset_name``."""
-        def run() -> None:
-            self._require_ct()
-            dataset_dir = dataset_dir_inside(self.datasets_root, str(dataset_name or ""))
-            case = check_case_name(str(case_name or ""))
-            target = self._segments().get(str(target_key or ""))
-            if target is None:
-                raise FemurSegError("No segment to export yet: segment, compute or load a fill, or add one in the Segment Editor.")
-            node, segment_id, name = target
-            provenance = {"source": "femurseg web", "ct": self.ct_source, "segment": name}
-            if self.comparison is not None:
-                provenance["fill_vs_nnunet"] = self.comparison.agreement.as_dict()
-            result = scene.export_segment(self.slicer_app.scene, self.seg_logic, node, segment_id, self.volume_node,
-                                          dataset_dir, case, test=check_split(split) == "test",
-                                          provenance=provenance)
-            self._say(f"Exported '{name}' as case {result.case} ({result.split}) to {result.dataset_dir.name}: "
-                      f"{result.image_path.name}, {result.label_path.name}; numTraining {result.num_training}.",
-                      "success")
-            with self.state:
-                self.state.fs_ft_dataset = result.dataset_dir.name  # "Improve the model" uses what Export wrote
-        self._guarded("Export", run)
-
-    def export_surface(self, case_name: str, file_format: str, target_key: str) -> None:
-        """The chosen segment's watertight surface (LPS, as ``femurseg surface``) into ``datasets_root/Surfaces``."""
-        def run() -> None:
-            self._require_ct()
-            path = surface_path_inside(self.datasets_root, str(case_name or ""), str(file_format or ""))
-            target = self._segments().get(str(target_key or ""))
-            if target is None:
-                raise FemurSegError("No segment to export yet: segment, compute or load a fill, or add one in the Segment Editor.")
-            node, segment_id, name = target
-            check = scene.export_segment_surface(self.slicer_app.scene, self.seg_logic, node, segment_id,
-                                                 self.volume_node, path)
-            self._say(f"Saved the surface of '{name}' as {SURFACES_FOLDER}/{path.name}: {check.describe()}.",
-                      "warning" if check.problems() else "success")
-        self._guarded("Surface export", run)
 
     # -- models and fine-tuning ---------------------------------------------------------------------------------
 
@@ -427,10 +399,10 @@ class Workflow:
             with self.state:
                 self.state.update({"fs_ft_running": True, "fs_ft_progress": 0.0, "fs_ft_stage": "starting",
                                    "fs_ft_result": ""})
-            self._say(f"Fine-tuning '{job.base.name}' into '{job.name}' on {len(job.training)} training case(s), "
+            self.say(f"Fine-tuning '{job.base.name}' into '{job.name}' on {len(job.training)} training case(s), "
                       f"validating on {len(job.validation)}; about {budget:g} min.")
             asyncio.get_event_loop().create_task(self._watch_finetune(self.finetune_process))
-        self._guarded("Fine-tuning", run)
+        self.guarded("Fine-tuning", run)
 
     async def _watch_finetune(self, process: FinetuneProcess) -> None:
         """Mirror the child's progress into the page; when it ends, list the new model and select it."""
@@ -449,7 +421,7 @@ class Workflow:
         with self.state:
             self.state.fs_ft_running = False
             self.state.fs_ft_result = state.describe()
-        self._say(state.describe(), "error" if state.error else "warning" if state.cancelled else "success")
+        self.say(state.describe(), "error" if state.error else "warning" if state.cancelled else "success")
 
     def cancel_finetune(self) -> None:
         if self.finetune_process is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -214,6 +215,38 @@ class Page:
         images = self.driver.find_elements(self.by.CSS_SELECTOR, "img.image-display-area")
         return max(images, key=lambda image: image.size["width"] * image.size["height"])
 
+    def state(self, name: str):
+        return self.driver.execute_script(f"return window.trame.state.get('{name}')")
+
+    def choose(self, select_id: str, title: str) -> None:
+        """Pick ``title`` in a VSelect with the mouse, as a user does."""
+        self.element(select_id).find_element(self.by.XPATH, "./ancestor::div[contains(@class, 'v-field')]").click()
+        item = _wait(lambda: [e for e in self.driver.find_elements(self.by.CSS_SELECTOR, ".v-overlay .v-list-item")
+                              if e.is_displayed() and e.text.strip() == title], 10, f"'{title}' in the list")
+        item[0].click()
+        _wait(lambda: not [e for e in self.driver.find_elements(self.by.CSS_SELECTOR, ".v-overlay .v-list-item")
+                           if e.is_displayed()], 10, "the list to close")
+
+    def view_pixels(self) -> np.ndarray:
+        """The views as the browser shows them, (rows, columns, RGB): the screenshot cut to the views' area."""
+        from io import BytesIO
+
+        from PIL import Image
+
+        time.sleep(1.5)  # let the views stream their last frame
+        box = self.driver.execute_script(
+            "const r = [...document.querySelectorAll('img.image-display-area')].map(i => i.getBoundingClientRect());"
+            "return [Math.min(...r.map(b => b.left)), Math.min(...r.map(b => b.top)),"
+            " Math.max(...r.map(b => b.right)), Math.max(...r.map(b => b.bottom)), window.devicePixelRatio];")
+        image = Image.open(BytesIO(self.driver.get_screenshot_as_png())).convert("RGB")
+        scale = box[4]
+        return np.asarray(image.crop(tuple(int(v * scale) for v in box[:4]))).astype(int)
+
+
+def colour_pixels(pixels: np.ndarray, colour) -> int:
+    """How many pixels show ``colour`` (0..1 RGB), within what JPEG streaming changes."""
+    return int((np.abs(pixels - np.array(colour) * 255).max(axis=2) < 45).sum())
+
 
 def _label_voxels(path: Path) -> int:
     return int(np.count_nonzero(sitk.GetArrayFromImage(sitk.ReadImage(str(path)))))
@@ -279,8 +312,10 @@ def test_segment_compare_paint_export(web_server, browser, artifacts_dir):
     page.dismiss()
     page.type("fs-path", "")
     page.type("fs-dataset", "Dataset101_FemurCorrected")
+    page.type("fs-case", "carried-over")
     page.click("fs-load-sample")
     page.expect("Loaded FemurPhantom05.nrrd")
+    assert page.element("fs-case").get_attribute("value") == "FemurPhantom05"  # from the file, not the last CT's
 
     page.click("fs-segment")  # progress shows and Cancel stops the child
     _wait(lambda: browser.find_elements(page.by.ID, "fs-progress"), 20, "the progress bar")
@@ -289,23 +324,51 @@ def test_segment_compare_paint_export(web_server, browser, artifacts_dir):
 
     page.click("fs-compute-fill")
     page.expect("Fill computed")
+    fill_only = page.view_pixels()
     page.click("fs-segment")
     page.expect("Compared with fill", timeout_s=120)
-    assert "Found Femur" in page.message()
-    metrics = page.element("fs-metrics").text
-    assert "Dice" in metrics and "95% Hausdorff distance (mm)" in metrics
-    dice = float(metrics.split("Dice", 1)[1].split()[0])
-    assert 0.5 < dice <= 1.0
-    assert "Largest disagreement on axial slice" in browser.find_element(page.by.TAG_NAME, "body").text
-    browser.execute_script("document.getElementById('fs-metrics').scrollIntoView({block: 'center'})")
-    time.sleep(1.5)  # let the views stream their last frame
+    assert "Found Femur" in page.message() and "reference: nnU-Net" in page.message()
+    assert page.element("fs-comparison-title").text == "fill vs nnU-Net (reference: nnU-Net)"
+    header = [cell.text for cell in page.element("fs-metrics").find_elements(page.by.CSS_SELECTOR, "th")]
+    assert header[:2] == ["Femur", "Dice"] and "fill − nnU-Net ml" in header
+    rows = page.state("fs_rows")
+    assert [row[0] for row in rows] == ["Femur"]  # the phantom: one femur, side unknown
+    dice, nn_ml, fill_ml, difference_ml = float(rows[0][1]), float(rows[0][4]), float(rows[0][5]), float(rows[0][6])
+    assert 0.5 < dice <= 1.0 and difference_ml == pytest.approx(fill_ml - nn_ml, abs=0.11)
+    assert all(len(cell.split(".")[1]) == 1 for cell in rows[0][4:8])  # ml and % to one decimal
+    # After Compute fill and Segment, what Export writes is still nnU-Net's draft, and the page says what it holds.
+    assert page.state("fs_export_target") == "draft:Femur (nnU-Net)"
+    assert re.fullmatch(r"The label will hold Femur \(nnU-Net\) \d+\.\d ml\.", page.element("fs-export-preview").text)
+
+    # The views show every draft in its own colour: nnU-Net and fill outlines, their disagreement filled.
+    pixels = page.view_pixels()
     browser.save_screenshot(str(artifacts_dir / "web_after_segment.png"))
+    from FemurSegLib import scene
+
+    assert colour_pixels(pixels, scene.COLOR_NNUNET) > 50 and colour_pixels(pixels, scene.COLOR_FILL) > 20
+    disagreement = colour_pixels(pixels, scene.COLOR_NNUNET_ONLY) + colour_pixels(pixels, scene.COLOR_FILL_ONLY)
+    assert disagreement > 20
+    assert colour_pixels(fill_only, scene.COLOR_FILL) > 20  # the fill alone: its outline
+    assert colour_pixels(fill_only, scene.COLOR_NNUNET) < 5  # before Segment: no nnU-Net colour anywhere
+    legend = page.element("fs-legend").text
+    assert "nnU-Net, right femur (outline)" in legend and "fill only (filled)" in legend
+
+    # Jump to the worst places: the list names them, a click shows one; the bone window darkens soft tissue.
+    places = page.state("fs_worst_places")
+    assert places and "ml disagree" in places[0]["title"]
+    page.click("fs-jump-worst")
+    page.expect(f"Showing {places[0]['title']}")
+    page.dismiss()
+    page.click("fs-window-bone")
+    bone = page.view_pixels().mean()
+    page.click("fs-window-soft")  # soft tissue (~40 HU) mid-grey instead of near black
+    assert page.view_pixels().mean() > bone + 2
 
     # The draft as segmented, kept as a test case to compare the corrected label with.
     page.type("fs-case", "draft")
     browser.execute_script("document.getElementById('fs-split-test').click()")
     page.click("fs-export")
-    page.expect("Exported 'Femur (nnU-Net)' as case draft (test)")
+    page.expect("Exported the nnU-Net draft as case draft (test)")
     page.dismiss()
 
     # Paint one stroke with the mouse on the axial view, above the femur, into "Femur (nnU-Net)".
@@ -320,12 +383,23 @@ def test_segment_compare_paint_export(web_server, browser, artifacts_dir):
     stroke.release().perform()
     _wait(lambda: browser.execute_script("return window.trame.state.get('SegmentEditorState__can_undo')"), 60,
           "the stroke to reach the segmentation (Undo enabled)")
+    _wait(lambda: page.state("fs_rows") != rows, 60, "the table to be recomputed after the stroke")
+    assert float(page.state("fs_rows")[0][4]) > nn_ml  # the stroke added to nnU-Net's draft
 
     page.type("fs-case", "case001")
     browser.execute_script("document.getElementById('fs-split-train').click()")
     page.click("fs-export")
-    confirmation = page.expect("Exported 'Femur (nnU-Net)' as case case001 (train)", timeout_s=60)
+    confirmation = page.expect("Exported the nnU-Net draft as case case001 (train)", timeout_s=60)
     assert "numTraining 1" in confirmation
+    page.dismiss()
+    page.click("fs-export")  # again: refused with this page's advice, then replaced once Replace is ticked
+    refused = page.expect("already exists")
+    assert "tick Replace" in refused and "--replace" not in refused
+    page.dismiss()
+    page.click("fs-replace")
+    page.click("fs-export")
+    page.expect("(the old files are in femurseg/replaced/)", timeout_s=60)
+    page.click("fs-replace")
     browser.save_screenshot(str(artifacts_dir / "web_after_export.png"))
     page.click("fs-tab-editor")  # the rest of Slicer's Segment Editor: islands, threshold, ...
     for icon in ("mdi-scatter-plot", "mdi-auto-fix", "mdi-eraser"):
@@ -341,6 +415,9 @@ def test_segment_compare_paint_export(web_server, browser, artifacts_dir):
     painted = _label_voxels(label) - _label_voxels(draft)
     assert painted > 20, f"the stroke added {painted} voxels to the label"
     assert sitk.ReadImage(str(image)).GetSize() == sitk.ReadImage(str(label)).GetSize()
+    log = log_path.read_text()  # one line per user action, with what it acted on
+    assert "action: Export Dataset101_FemurCorrected/case001 (train) draft:Femur (nnU-Net) replace=True" in log
+    assert "action: Jump to worst slice" in log and "action: Window bone" in log
     assert not server_tracebacks(log_path)
 
 
@@ -364,11 +441,16 @@ def test_warm_segment_then_surface_export(web_server, browser):
     page.dismiss()
     page.type("fs-case", "surface01")
     page.click("fs-export-surface")
-    page.expect("Saved the surface of 'Femur (nnU-Net)' as Surfaces/surface01.stl: watertight", timeout_s=60)
+    page.expect("Saved the surface of the nnU-Net draft as Surfaces/surface01.stl: watertight", timeout_s=60)
+    page.dismiss()
+    written = (datasets_root / "Surfaces" / "surface01.stl").stat().st_mtime_ns
+    page.click("fs-export-surface")  # the same rule as for dataset cases: refused unless Replace is ticked
+    assert "tick Replace" in page.expect("Surface file 'surface01.stl' already exists")
+    assert (datasets_root / "Surfaces" / "surface01.stl").stat().st_mtime_ns == written
     page.dismiss()
     page.type("fs-dataset", "Dataset102_SurfaceCheck")
     page.click("fs-export")
-    page.expect("Exported 'Femur (nnU-Net)' as case surface01", timeout_s=60)
+    page.expect("Exported the nnU-Net draft as case surface01", timeout_s=60)
     assert not list(datasets_root.glob("**/escape*"))
 
     label = sitk.ReadImage(str(datasets_root / "Dataset102_SurfaceCheck" / "labelsTr" / "surface01.nii.gz"))
@@ -419,6 +501,11 @@ def test_improve_the_model_then_segment_with_it(web_server, browser):
     page.expect("Fill computed")
     page.dismiss()
     page.type("fs-dataset", "Dataset102_FemurImprove")
+    page.click("fs-export")  # Compute fill did not make the fill what Export writes: that is the user's choice
+    page.expect("There is no nnU-Net draft yet to export")
+    page.dismiss()
+    page.choose("fs-export-target", "fill draft")
+    assert page.element("fs-export-preview").text.startswith("The label will hold Femur (fill) ")
     for case, split in (("site1", "train"), ("site2", "train"), ("site3", "test")):
         page.type("fs-case", case)
         browser.execute_script(f"document.getElementById('fs-split-{split}').click()")
