@@ -106,7 +106,7 @@ class Comparison:
     def describe(self) -> str:
         """The status line: Dice per femur, which is the reference, and every warning."""
         dice = ", ".join(f"{row.femur} {row.agreement.dice:.3f}" for row in self.rows)
-        text = f"Dice ({COMPARISON_TITLE}): {dice}."
+        text = f"Dice, {COMPARISON_TITLE}: {dice}."
         return text + (f" Warning: {'; '.join(self.warnings)}." if self.warnings else "")
 
 
@@ -432,12 +432,10 @@ def compare_segmentations(scene: Any, seg_logic: Any, reference_seg_node: Any, o
 
     table_node = slicer.vtkMRMLTableNode()
     table_node.SetName(f"{other_seg_node.GetName()} vs {reference_seg_node.GetName()} (reference)")
-    columns = []
     for title in COMPARISON_COLUMNS:
         column = vtkStringArray()
         column.SetName(title)
         table_node.AddColumn(column)
-        columns.append(column)
     for row in rows:
         index = table_node.AddEmptyRow()
         for column, text in enumerate(row.cells()):

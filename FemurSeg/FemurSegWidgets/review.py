@@ -65,12 +65,12 @@ class ReviewSection(VTKObservationMixin):
 
     def onSegmentModified(self, caller, event) -> None:
         self.timer.start()  # restarts: one comparison once the edit settles
-        self.updateExportPreview()
 
     def onEditSettled(self) -> None:
         if self.comparison is not None:
             with self.widget.reportErrors("Comparison"):
                 self.compare()
+        self.updateExportPreview()
 
     def onJumpToWorstSlice(self) -> None:
         places = self.comparison.worst_places if self.comparison is not None else ()
