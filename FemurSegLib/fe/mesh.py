@@ -12,7 +12,12 @@ Ansys and FEBio share: corners 0-3, then edges 01, 12, 20, 03, 13, 23.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
+import threading
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import SimpleITK as sitk
@@ -171,6 +176,22 @@ def make_quadratic(mesh: TetMesh) -> TetMesh:
     return TetMesh(np.concatenate([mesh.points, midpoints]), np.concatenate([corners, middle], axis=1))
 
 
+_CWD_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _scratch_directory() -> Iterator[None]:
+    """fTetWild writes debug surfaces (``__tracked_surface.stl``, ``__cutting.stl``) into the current directory,
+    whatever it is set to: run it in an empty temporary one, so that nothing lands beside the user's files."""
+    with _CWD_LOCK, tempfile.TemporaryDirectory(prefix="femurseg-tetwild-") as scratch:
+        previous = os.getcwd()
+        os.chdir(scratch)
+        try:
+            yield
+        finally:
+            os.chdir(previous)
+
+
 def tetrahedralize(vertices: np.ndarray, triangles: np.ndarray, element_size: float,
                    sizing: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> TetMesh:
     """fTetWild on a closed triangle surface; the result positively oriented and without unused nodes."""
@@ -179,9 +200,11 @@ def tetrahedralize(vertices: np.ndarray, triangles: np.ndarray, element_size: fl
     kwargs = {}
     if sizing is not None:
         kwargs = {"bg_vertices": sizing[0], "bg_tets": sizing[1], "bg_values": sizing[2]}
-    points, cells = pytetwild.tetrahedralize(vertices.astype(np.float64), triangles.astype(np.int32),
-                                             edge_length_abs=COARSE_FACTOR * element_size if sizing else element_size,
-                                             num_opt_iter=10, stop_energy=20.0, quiet=True, **kwargs)
+    with _scratch_directory():
+        points, cells = pytetwild.tetrahedralize(
+            vertices.astype(np.float64), triangles.astype(np.int32),
+            edge_length_abs=COARSE_FACTOR * element_size if sizing else element_size,
+            num_opt_iter=10, stop_energy=20.0, quiet=True, **kwargs)
     cells = np.asarray(cells, dtype=np.int64)
     if len(cells) == 0:
         raise FemurSegError("The mesher made no elements from the label's surface; check the label.")

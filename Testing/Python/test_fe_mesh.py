@@ -3,6 +3,8 @@ and labels or element sizes that cannot be meshed refused in one line."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -14,8 +16,24 @@ from FemurSegLib.fe.mesh import QUADRATIC_EDGES, make_quadratic, mesh_label, tet
 
 
 @pytest.fixture(scope="module")
-def toy():
-    return toy_mesh()
+def meshed_in(tmp_path_factory):
+    """The toy femur meshed with the current directory set to an empty folder (fTetWild writes debug files there)."""
+    folder = tmp_path_factory.mktemp("current-directory")
+    previous = os.getcwd()
+    os.chdir(folder)
+    try:
+        return toy_mesh(), folder
+    finally:
+        os.chdir(previous)
+
+
+@pytest.fixture(scope="module")
+def toy(meshed_in):
+    return meshed_in[0]
+
+
+def test_meshing_writes_nothing_into_the_current_directory(meshed_in):
+    assert sorted(p.name for p in meshed_in[1].iterdir()) == []
 
 
 def test_toy_mesh_is_valid_inside_the_label_and_of_its_volume(toy):
