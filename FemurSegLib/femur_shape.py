@@ -32,7 +32,7 @@ BORDERLINE_COVERAGE = 0.57  # from here to FEMUR_COVERAGE: labelled, with a warn
 ONE_SIDED = 0.45  # a head's missed rays lie on one side, in its neck (rendered femurs 0.69-0.81); a cylinder's
 # (vertebral body, tibia) on two opposite sides (0.06-0.11), a plate's all round (sacrum 0.09, hip bone 0.19-0.26)
 MIN_DEPTH_MM = 10.0  # a candidate centre lies at least this deep inside the piece
-MIN_VIEWED = 0.8  # share of rays inside the field of view: a head cut by its edge cannot be told from a shaft
+MIN_VIEWED = 0.5  # share of rays inside the field of view (CTs often end just below the femoral heads)
 RAY_COUNT = 200
 MAX_RAY_MM = 60.0
 CANDIDATES = 6
