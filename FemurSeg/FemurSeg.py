@@ -86,7 +86,7 @@ class FemurSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
-        self.logic = self._parameterNode = self._parameterNodeGuiTag = self.models = None
+        self.logic = self._parameterNode = self._parameterNodeGuiTag = self.models = self.fe = None
         self._process = None  # runner.SegmentationJob while a segmentation runs in the logic's warm worker
         self._started = 0.0  # when it started, for the elapsed time
         self.review = None
@@ -112,10 +112,12 @@ class FemurSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             button.clicked.connect(handler)
         from FemurSegWidgets.models import ModelSection
 
+        from FemurSegWidgets.fe import FESection
         from FemurSegWidgets.review import ReviewSection
 
         self.models = ModelSection(self)  # model list, install, improve (fine-tune)
         self.review = ReviewSection(self)  # comparison, legend, windows, case name, export preview
+        self.fe = FESection(self)  # FE model of the corrected femur, built in a background process
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
@@ -125,6 +127,8 @@ class FemurSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.models.cleanup()  # cancels a running fine-tuning
         if self.review is not None:
             self.review.cleanup()
+        if self.fe is not None:
+            self.fe.cleanup()  # cancels a running FE build
         self.removeObservers()
 
     def enter(self) -> None:

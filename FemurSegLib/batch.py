@@ -1,5 +1,5 @@
-"""``femurseg batch``: a cohort with one loaded model; per case a label, an overlay PNG, optionally a surface and
-the fill baseline, and its row(s) in ``results.csv`` and ``report.html``.
+"""``femurseg batch``: a cohort with one loaded model; per case a label, an overlay PNG, optionally a surface, the
+fill baseline and a finite-element model per femur, and its row(s) in ``results.csv`` and ``report.html``.
 
 Safe to interrupt and to resume: every file is written atomically, and a case is done only once its row file
 ``rows/<case>.json`` exists; it is written last and records the settings that made it, so a re-run skips the
@@ -12,6 +12,8 @@ error row, does not stop the others, and is tried again by the next run.
 from __future__ import annotations
 
 import csv
+import dataclasses
+import hashlib
 import html
 import io
 import json
@@ -31,6 +33,8 @@ import SimpleITK as sitk
 from filelock import FileLock
 
 from .errors import FemurSegError
+from .fe.calibration import read_rods
+from .fe.pipeline import STEM, FEOptions, output_files, run_fe
 from .imageio import IMAGE_SUFFIXES, image_suffix, read_ct, read_label, require_same_grid, write_image
 from .iopolicy import (NAME_MAX_BYTES, InputFiles, check_against_inputs, check_name, prepare_output_folder,
                        read_bytes, require_input_folder, shown, write_bytes_atomic)
@@ -38,12 +42,15 @@ from .metrics import dice
 from .surface import SURFACE_FORMATS, SurfaceOptions, write_label_surface
 
 if TYPE_CHECKING:
-    from .inference import Segmenter
+    from .inference import Femur, Segmenter
 
 NO_FEMUR_STATUS = "no femur"  # a case that ran and holds no femur (its row's side is "none")
 CSV_COLUMNS = ("case", "side", "status", "volume_ml", "mean_hu", "fill_dice", "truth_dice", "warnings", "error",
-               "seconds", "finished", "model", "ct", "label", "overlay", "surface")
-FOLDERS = {"labels": "labels", "fill": "fill", "overlays": "overlays", "surfaces": "surfaces", "rows": "rows"}
+               "seconds", "finished", "model", "ct", "label", "overlay", "surface", "fe", "fe_elements",
+               "fe_stiffness_n_mm", "fe_warnings")
+FE_COLUMNS = ("fe_elements", "fe_stiffness_n_mm", "fe_warnings")
+FOLDERS = {"labels": "labels", "fill": "fill", "overlays": "overlays", "surfaces": "surfaces", "fe": "fe",
+           "rows": "rows"}
 RESULTS_CSV, REPORT_HTML, LOCK_FILE = "results.csv", "report.html", ".results.lock"
 CT_SUFFIXES = tuple(s for s in IMAGE_SUFFIXES if s != ".seg.nrrd")  # a .seg.nrrd is a segmentation, not a CT
 LOCK_TIMEOUT_S = 120
@@ -67,17 +74,26 @@ class BatchSettings:
     truth_dir: Path | None = None
     surface_format: str | None = None  # one of SURFACE_FORMATS: write a surface per case
     surface: SurfaceOptions = SurfaceOptions()
+    fe: FEOptions | None = None  # write an FE model per femur (fe/pipeline.py, as ``femurseg fe``)
+    fe_calibration: str = "internal"  # a rods file (.csv, .json) or "internal"
 
     def __post_init__(self) -> None:
         if self.surface_format not in (None, *SURFACE_FORMATS):
             raise FemurSegError(f"Surface format '{self.surface_format}' must be one of {', '.join(SURFACE_FORMATS)}.")
         if self.truth_dir is not None:
             require_input_folder(self.truth_dir, "Truth folder")
+        if self.fe is not None and self.fe_calibration != "internal":
+            read_rods(self.fe_calibration)  # bad rods stop the cohort before any work, not every case
 
     def record(self, model_name: str) -> dict:
-        """What decides a row: a done case made with another record is redone (the device is not part of it)."""
+        """What decides a row: a done case made with another record is redone (the device is not part of it; the
+        rods file by its content, so corrected rod values redo the FE models)."""
+        fe = self.fe and {**vars(self.fe), "formats": list(self.fe.formats), "calibration": self.fe_calibration,
+                          "calibration_sha256": None if self.fe_calibration == "internal" else hashlib.sha256(
+                              read_bytes(Path(self.fe_calibration), "Calibration file", MAX_CSV_BYTES)).hexdigest()}
         return {"model": model_name, "fill": self.fill, "truth_dir": str(self.truth_dir) if self.truth_dir else None,
-                "surface": self.surface_format and {"format": self.surface_format, **vars(self.surface)}}
+                "surface": self.surface_format and {"format": self.surface_format, **vars(self.surface)},
+                **({"fe": fe} if fe else {})}  # without --fe, the record of the folders made before --fe existed
 
 
 @dataclass(frozen=True)
@@ -111,6 +127,7 @@ class CaseResult:
     truth: sitk.Image | None = None
     warnings: list[str] = field(default_factory=list)
     outputs: dict[str, str] = field(default_factory=dict)  # column -> path relative to the output folder
+    fe: dict[str, dict[str, str]] = field(default_factory=dict)  # side -> its FE columns
 
 
 # --- cases ----------------------------------------------------------------------------------------------------
@@ -223,7 +240,7 @@ def case_rows(case: Case, result: CaseResult, seconds: float, model: str) -> lis
             "fill_dice": agreement(result.fill), "truth_dice": agreement(result.truth),
             "warnings": "; ".join(result.warnings + femur_warnings), "error": "", "seconds": _number(seconds, 2),
             "finished": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "model": model,
-            "ct": str(case.ct), **result.outputs,
+            "ct": str(case.ct), **result.outputs, **result.fe.get(side, {}),
         })
     return rows
 
@@ -288,7 +305,9 @@ def report_html(rows: list[dict[str, str]], title: str) -> str:
     seconds = [float(row["seconds"]) for row in rows if row.get("seconds")]
     if seconds:
         summary.append(f"{np.mean(seconds):.1f} s per case")
-    shown = [c for c in CSV_COLUMNS if c not in ("ct", "label", "overlay", "surface", "model")]
+    with_fe = any(row.get("fe") for row in rows)
+    shown = [c for c in CSV_COLUMNS if c not in ("ct", "label", "overlay", "surface", "model", "fe")
+             and (with_fe or c not in FE_COLUMNS)]
     head = "".join(f"<th>{html.escape(c)}</th>" for c in ["picture", *shown])
     body = []
     for row in rows:
@@ -356,7 +375,31 @@ def _process_case(case: Case, segmenter: Segmenter, settings: BatchSettings, out
         result.outputs["surface"] = f"{FOLDERS['surfaces']}/{case.name}.{settings.surface_format}"
         check = write_label_surface(label, out_dir / result.outputs["surface"], settings.surface)
         result.warnings += check.problems()
+    if settings.fe is not None:
+        for femur in segmentation.femurs:  # a case with no femur gets no model
+            report(0.97, f"FE model {femur.side}")
+            result.fe[femur.side] = _fe_model(case, out_dir, result.outputs["label"], femur, settings,
+                                              len(segmentation.femurs) > 1)
     return result
+
+
+def _fe_folder(case: Case, side: str, bilateral: bool) -> str:
+    """``fe/<case>``; with two femurs ``fe/<case>/<side>``."""
+    return f"{FOLDERS['fe']}/{case.name}" + (f"/{side}" if bilateral else "")
+
+
+def _fe_model(case: Case, out_dir: Path, label: str, femur: Femur, settings: BatchSettings,
+              bilateral: bool) -> dict[str, str]:
+    """One femur's FE model from the case's segmented label, exactly as ``femurseg fe`` makes it; its columns."""
+    assert settings.fe is not None
+    folder = _fe_folder(case, femur.side, bilateral)
+    try:
+        fe = run_fe(case.ct, out_dir / label, out_dir / folder, settings.fe_calibration,
+                    dataclasses.replace(settings.fe, value=femur.value))
+    except FemurSegError as error:
+        raise FemurSegError(f"FE model ({femur.side}): {error}") from None
+    return {"fe": folder, "fe_elements": str(len(fe.model.cells)), "fe_stiffness_n_mm": _number(fe.stiffness_n_mm, 1),
+            "fe_warnings": "; ".join(fe.warnings)}
 
 
 def _output_suffix(ct: Path) -> str:
@@ -373,6 +416,9 @@ def planned_outputs(out_dir: Path, case: Case, settings: BatchSettings) -> list[
         paths.append(out_dir / FOLDERS["fill"] / f"{case.name}{suffix}")
     if settings.surface_format:
         paths.append(out_dir / FOLDERS["surfaces"] / f"{case.name}.{settings.surface_format}")
+    if settings.fe is not None:  # one femur's; run_fe checks each model's files against its inputs again
+        fe_dir = out_dir / _fe_folder(case, "", False)
+        paths += [*output_files(fe_dir, settings.fe.formats).values(), fe_dir / f"{STEM}.json"]
     return paths
 
 

@@ -239,20 +239,34 @@ def _cmd_surface(args: argparse.Namespace) -> None:
         print(f"femurseg: warning: {problem}", file=sys.stderr)
 
 
+def _fe_options(args: argparse.Namespace, value: int | None = None):
+    """FEOptions from the ``fe`` options that ``fe`` and ``batch --fe`` share (_add_fe_arguments)."""
+    from .fe.pipeline import FEOptions
+
+    formats = tuple(f.strip().lower() for f in args.fe_formats.split(",") if f.strip())
+    return FEOptions(element_size=args.fe_element_size, quadratic=args.fe_quadratic, law=args.fe_law,
+                     bins=args.fe_bins, formats=formats, value=value, solve=args.fe_solve)
+
+
 def _cmd_fe(args: argparse.Namespace) -> None:
     import numpy as np
 
-    from .fe.pipeline import FEOptions, run_fe
+    from .fe.pipeline import run_fe
 
-    formats = tuple(f.strip().lower() for f in args.formats.split(",") if f.strip())
-    options = FEOptions(element_size=args.element_size, quadratic=args.quadratic, law=args.law, bins=args.bins,
-                        formats=formats, value=args.value, solve=args.solve)
-    result = run_fe(args.ct, args.label, args.out_dir, args.calibration, options, notify=print)
+    options = _fe_options(args, args.value)
+    notify = _notifier(args.progress_json) if args.progress_json else print
+    result = run_fe(args.ct, args.label, args.out_dir, args.fe_calibration, options, notify=notify,
+                    progress=_progress_printer(args.progress_json) if args.progress_json else None)
+    if args.progress_json:
+        print(json.dumps({"done": str(args.out_dir), "elements": len(result.model.cells),
+                          "stiffness_n_mm": result.stiffness_n_mm, "warnings": list(result.warnings),
+                          "files": {kind: str(path) for kind, path in result.files.items()}}), flush=True)
+        return
     for warning in result.warnings:
         print(f"femurseg: warning: {warning}", file=sys.stderr)
     moduli = result.model.modulus_mpa
     print(f"E {moduli.min():.0f}-{moduli.max():.0f} MPa (median {float(np.median(moduli)):.0f}) in "
-          f"{result.model.bins.count} material bins ({args.law})")
+          f"{result.model.bins.count} material bins ({args.fe_law})")
     if result.stiffness_n_mm is not None:
         print(f"stance stiffness (distal end fixed, head pushed along the shaft): {result.stiffness_n_mm:.0f} N/mm")
     print(f"-> {', '.join(str(path) for path in result.files.values())}")
@@ -263,7 +277,8 @@ def _cmd_batch(args: argparse.Namespace) -> None:
 
     settings = BatchSettings(model=args.model, device=args.device, fill=args.fill,
                              truth_dir=Path(args.truth_dir) if args.truth_dir else None,
-                             surface_format=args.surface, surface=_surface_options(args))
+                             surface_format=args.surface, surface=_surface_options(args),
+                             fe=_fe_options(args) if args.fe else None, fe_calibration=args.fe_calibration)
     shard = parse_shard(args.shard)
 
     def stop(_signal, _frame):  # SLURM's scancel and time limit send SIGTERM: end like Ctrl-C, cleanly
@@ -292,6 +307,26 @@ def _add_surface_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--coordinates", choices=["LPS", "RAS"], default="LPS",
                    help="LPS (default): the image file's patient coordinates, as Slicer's own model export; "
                         "RAS: the coordinates Slicer displays")
+
+
+def _add_fe_arguments(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    """The FE model's options, for ``fe`` and (named ``--fe-...``) for ``batch --fe``."""
+    def add(name: str, **options) -> None:
+        p.add_argument(f"--{prefix}{name}", dest=f"fe_{name.replace('-', '_')}", **options)
+
+    add("calibration", default="internal",
+        help="rods.csv (columns density_mg_cm3, hu; optional name, material HA|K2HPO4) or rods.json, or 'internal' "
+             "(default: air, fat, muscle and cortex of the scan, nominal densities)")
+    add("law", choices=["morgan", "keyak", "keller"], default="morgan",
+        help="density-modulus law (default morgan: Schileo 2008 + Morgan 2003; keyak: K2HPO4 piecewise; "
+             "keller: 10500 rho_ash^2.29)")
+    add("element-size", type=float, default=2.0, help="target tetrahedron edge in mm (default 2; ~1 for ex-vivo QCT)")
+    add("quadratic", action="store_true", help="10-node tetrahedra (C3D10, SOLID187, tet10)")
+    add("formats", default="inp,feb,cdb,vtu", help="comma-separated, of inp, feb, cdb, vtu (default all)")
+    add("bins", type=int, default=100,
+        help="material bins for .inp and .cdb (default 100; .feb and .vtu keep every element's E)")
+    add("solve", action=argparse.BooleanOptionalAction, default=True,
+        help="solve the stance case as a check and report the stiffness (default on)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -428,21 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ct", help=f"CT in HU {volume}")
     p.add_argument("label", help="the corrected femur label, on the CT's grid, one solid piece")
     p.add_argument("out_dir", help="output folder (created)")
-    p.add_argument("--calibration", default="internal",
-                   help="rods.csv (columns density_mg_cm3, hu; optional name, material HA|K2HPO4) or rods.json, or "
-                        "'internal' (default: air, fat, muscle and cortex of the scan, nominal densities)")
-    p.add_argument("--law", choices=["morgan", "keyak", "keller"], default="morgan",
-                   help="density-modulus law (default morgan: Schileo 2008 + Morgan 2003; keyak: K2HPO4 piecewise; "
-                        "keller: 10500 rho_ash^2.29)")
-    p.add_argument("--element-size", type=float, default=2.0,
-                   help="target tetrahedron edge in mm (default 2; ~1 for ex-vivo QCT)")
-    p.add_argument("--quadratic", action="store_true", help="10-node tetrahedra (C3D10, SOLID187, tet10)")
-    p.add_argument("--formats", default="inp,feb,cdb,vtu", help="comma-separated, of inp, feb, cdb, vtu (default all)")
-    p.add_argument("--bins", type=int, default=100,
-                   help="material bins for .inp and .cdb (default 100; .feb and .vtu keep every element's E)")
+    _add_fe_arguments(p)
     p.add_argument("--value", type=int, help="label value of the femur to mesh (for a label with both femurs)")
-    p.add_argument("--solve", action=argparse.BooleanOptionalAction, default=True,
-                   help="solve the stance case as a check and report the stiffness (default on)")
+    p.add_argument("--progress-json", action="store_true", help="progress as JSON lines on stdout (for GUIs)")
     p.set_defaults(func=_cmd_fe)
 
     p = sub.add_parser("batch", help="segment a folder or CSV of CTs with one loaded model; results.csv and a report",
@@ -460,6 +483,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "for SLURM job arrays and Dask maps")
     p.add_argument("--surface", choices=["stl", "vtk", "vtp", "obj"], help="also write each femur's surface")
     _add_surface_arguments(p)
+    p.add_argument("--fe", action="store_true",
+                   help="also write each femur's FE model into OUT_DIR/fe/<case>/ (<case>/<side>/ with two femurs), as "
+                        "'femurseg fe' does, with the --fe-... options below")
+    _add_fe_arguments(p, "fe-")
     p.set_defaults(func=_cmd_batch)
 
     p = sub.add_parser("worker", help="(for GUIs) keep a model loaded and segment JSON requests from stdin")

@@ -53,6 +53,8 @@ class FEOptions:
     solve: bool = True
 
     def __post_init__(self) -> None:
+        if not self.element_size > 0 or self.element_size == float("inf"):  # before any folder is made (batch too)
+            raise FemurSegError(f"Element size {self.element_size} mm must be a positive number of millimetres.")
         get_law(self.law)
         unknown = [f for f in self.formats if f not in WRITERS]
         if unknown or not self.formats:
@@ -112,14 +114,18 @@ def output_files(out_dir: Path, formats: tuple[str, ...]) -> dict[str, Path]:
 
 
 def run_fe(ct_path: str | os.PathLike, label_path: str | os.PathLike, out_dir: str | os.PathLike,
-           calibration: str, options: FEOptions, notify: Callable[[str], None] = lambda message: None) -> FEResult:
-    """The whole job. ``calibration`` is a rods file (.csv or .json) or ``internal``."""
+           calibration: str, options: FEOptions, notify: Callable[[str], None] = lambda message: None,
+           progress: Callable[[float, str], None] | None = None) -> FEResult:
+    """The whole job. ``calibration`` is a rods file (.csv or .json) or ``internal``; ``progress`` gets
+    (fraction, stage) as each step starts, for the GUIs' progress bars."""
+    progress = progress or (lambda fraction, stage: None)
     out_dir = prepare_output_folder(out_dir)
     files = output_files(out_dir, options.formats)
     provenance_path = out_dir / f"{STEM}.json"
     inputs = (ct_path, label_path) + (() if calibration == "internal" else (calibration,))
     for path in [*files.values(), provenance_path]:
         check_output_path(path, inputs, suffixes=None, what="FE model file")
+    progress(0.0, "reading")
     ct = read_ct(ct_path)
     label = read_label(label_path)
     require_same_grid(ct, label, "the CT", "the label")
@@ -138,15 +144,18 @@ def run_fe(ct_path: str | os.PathLike, label_path: str | os.PathLike, out_dir: s
         warnings.append(f"the calibration fit is poor (R^2 {fit.r_squared:.3f}); check the rods' values")
     notify(fit.describe())
     seconds: dict[str, float] = {}
+    progress(0.1, "meshing and mapping")
     model, report = build_model(ct, label, fit, options, seconds)
     notify(f"mesh: {report.describe()}")
     if abs(report.volume_error) > 0.01:
         warnings.append(f"the mesh's volume differs from the label's by {100 * report.volume_error:+.1f} %")
     stiffness = None
     if options.solve:
+        progress(0.6, "solving the stance case")
         start = time.perf_counter()
         stiffness = stance_stiffness(model)
         seconds["solve"] = time.perf_counter() - start
+    progress(0.85, "writing")
     start = time.perf_counter()
     for kind, path in files.items():
         WRITERS[kind](model, path)
@@ -175,4 +184,5 @@ def run_fe(ct_path: str | os.PathLike, label_path: str | os.PathLike, out_dir: s
     }
     write_bytes_atomic(provenance_path, (json.dumps(provenance, indent=2) + "\n").encode())
     files["json"] = provenance_path
+    progress(1.0, "done")
     return FEResult(model, report, fit, stiffness, tuple(warnings), files, seconds)

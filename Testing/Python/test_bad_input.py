@@ -655,6 +655,31 @@ def _(folder: Path) -> Attempt:
         app.scene, app.segmentations_logic, segmentation, None, node, dataset, "../B1"), segment=ct_array() > 0)
 
 
+def fe_from_segment(folder: Path, segment: np.ndarray, calibration: str = "internal") -> Attempt:
+    """The panels' FE model of the scene's segment into ``folder/fe`` (fe_runner), waited for."""
+    from FemurSegLib import fe_runner
+    from FemurSegLib.fe.pipeline import FEOptions
+
+    return in_slicer(ct_array(), lambda app, node, segmentation: fe_runner.start_from_segment(
+        app.scene, app.segmentations_logic, segmentation, None, node, folder / "fe", calibration,
+        FEOptions(element_size=3.0, formats=("vtu",))).wait_for_completion(TIME_LIMIT_S), segment=segment)
+
+
+row("Slicer: FE model with rods out of order", "Rods out of order", lambda folder: fe_from_segment(
+    folder, ct_array() > 0, str(csv_file(folder, "density_mg_cm3,hu\n0,0\n200,900\n800,400\n", "rods.csv"))))
+row("Slicer: FE model into a folder that holds one (no Replace)", "femur.vtu, femur.json already exist", lambda f: then(
+    (f / "fe").mkdir(), (f / "fe" / "femur.json").write_text("{}"), (f / "fe" / "femur.vtu").write_text("x"),
+    fe_from_segment(f, ct_array() > 0)))
+def two_pieces() -> np.ndarray:
+    mask = np.zeros((24, 24, 24), bool)
+    mask[2:8, 2:8, 2:8] = mask[14:22, 14:22, 14:22] = True
+    return mask
+
+
+row("Slicer: FE model of a segment in two pieces (the child's refusal)", "not one solid piece",
+    lambda folder: fe_from_segment(folder, two_pieces()))
+
+
 # --- the browser's upload handler ----------------------------------------------------------------------------------
 
 def upload(folder: Path, source: Path, kind: str = "ct", name: str | None = None) -> Attempt:
@@ -985,6 +1010,24 @@ for _name, _build, _message in [
     ("batch into an undecodable folder name", lambda f: (cohort(f), undecodable(f, "")), "not valid UTF-8"),
     ("batch --model that does not exist", lambda f: (cohort(f), f / "out", "--model", "NoSuchModel"),
      "No model named 'NoSuchModel'"),
+]:
+    row(_name, _message, batch_row(_build))
+
+for _name, _build, _message in [  # batch --fe: its options are refused before the cohort starts
+    ("batch --fe --fe-element-size 0", lambda f: (cohort(f), f / "out", "--fe", "--fe-element-size", "0"),
+     "Element size 0.0 mm must be a positive"),
+    ("batch --fe --fe-element-size nan", lambda f: (cohort(f), f / "out", "--fe", "--fe-element-size", "nan"),
+     "Element size nan mm"),
+    ("batch --fe --fe-law hooke", lambda f: (cohort(f), f / "out", "--fe", "--fe-law", "hooke"), "invalid choice"),
+    ("batch --fe --fe-formats stl", lambda f: (cohort(f), f / "out", "--fe", "--fe-formats", "stl"), "stl unknown"),
+    ("batch --fe --fe-formats ,", lambda f: (cohort(f), f / "out", "--fe", "--fe-formats", ","), "none"),
+    ("batch --fe --fe-bins 0", lambda f: (cohort(f), f / "out", "--fe", "--fe-bins", "0"), "Material bins 0"),
+    ("batch --fe --fe-calibration that is missing",
+     lambda f: (cohort(f), f / "out", "--fe", "--fe-calibration", f / "rods.csv"), "does not exist"),
+    ("batch --fe --fe-calibration a FIFO",
+     lambda f: (cohort(f), f / "out", "--fe", "--fe-calibration", fifo(f, "rods.csv")), "not a file"),
+    ("batch --fe --fe-calibration with rods out of order", lambda f: (cohort(f), f / "out", "--fe", "--fe-calibration",
+     csv_file(f, "density_mg_cm3,hu\n0,0\n200,900\n800,400\n", "rods.csv")), "Rods out of order"),
 ]:
     row(_name, _message, batch_row(_build))
 

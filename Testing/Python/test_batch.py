@@ -16,6 +16,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import meshio
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -26,11 +27,13 @@ from vtkmodules.vtkIOGeometry import vtkSTLReader
 from FemurSegLib import batch
 from FemurSegLib.inference import Femur
 from FemurSegLib.cli import main
+from FemurSegLib.fe.pipeline import FEOptions
 from FemurSegLib.report import CONTOUR_COLOURS
 
 REPO = Path(__file__).resolve().parents[2]
 COLUMNS = ["case", "side", "status", "volume_ml", "mean_hu", "fill_dice", "truth_dice", "warnings", "error",
-           "seconds", "finished", "model", "ct", "label", "overlay", "surface"]
+           "seconds", "finished", "model", "ct", "label", "overlay", "surface", "fe", "fe_elements", "fe_stiffness_n_mm",
+           "fe_warnings"]
 
 
 def femurseg(*args: str, **popen) -> subprocess.CompletedProcess:
@@ -250,6 +253,52 @@ def test_done_means_same_settings(tmp_path):
     assert not batch.is_done(tmp_path, case, settings.record("other model"))
     assert not batch.is_done(tmp_path, case, batch.BatchSettings(fill=False).record("m"))
     assert not batch.is_done(tmp_path, case, batch.BatchSettings(fill=True, surface_format="stl").record("m"))
+    assert "fe" not in settings.record("m"), "folders made before --fe existed stay done"
+    fe = batch.BatchSettings(fill=True, fe=FEOptions())
+    assert not batch.is_done(tmp_path, case, fe.record("m"))
+    assert json.loads(json.dumps(fe.record("m"))) == fe.record("m"), "the record survives its row file"
+    assert fe.record("m") != batch.BatchSettings(fill=True, fe=FEOptions(element_size=3)).record("m")
+    (tmp_path / "rods.csv").write_text("density_mg_cm3,hu\n0,0\n800,1000\n")
+    rods = batch.BatchSettings(fill=True, fe=FEOptions(), fe_calibration=str(tmp_path / "rods.csv"))
+    before = rods.record("m")
+    (tmp_path / "rods.csv").write_text("density_mg_cm3,hu\n0,0\n800,1100\n")
+    assert rods.record("m") != before, "corrected rod values redo the FE models"
+
+
+def test_fe_models_per_femur_from_the_batch_label_and_fe_errors_as_rows(phantom_factory, tmp_path):
+    """--fe: each femur's model from the label the batch wrote, made as ``femurseg fe`` makes it; a case with no
+    femur gets none; an FE refusal is that case's error row and the batch goes on."""
+    inputs, out = tmp_path / "cts", tmp_path / "out"
+    inputs.mkdir()
+    sitk.WriteImage(phantom_factory(1)[0], str(inputs / "F01.nrrd"), True)
+    soft = np.random.default_rng(0).normal(-1000, 20, (40, 40, 40))
+    soft[8:32, 8:32, 8:32] += 1040  # a block of soft tissue: a CT with no bone
+    air = sitk.GetImageFromArray(soft.astype(np.int16))
+    air.SetSpacing((2.0, 2.0, 2.0))
+    sitk.WriteImage(air, str(inputs / "air.nrrd"), True)
+    options = ["--device", "cpu", "--fe", "--fe-formats", "vtu,inp", "--fe-law", "keller"]
+    result = femurseg("batch", str(inputs), str(out), *options, "--fe-element-size", "8")
+    assert result.returncode == 0, result.stderr
+    rows = {row["case"]: row for row in read_rows(out / "results.csv")}
+    assert rows["air"]["status"] == "no femur", rows["air"]
+    assert rows["air"]["fe"] == rows["air"]["fe_elements"] == ""
+    assert sorted(p.name for p in (out / "fe").iterdir()) == ["F01"]
+    row = rows["F01"]
+    assert row["status"] == "ok" and row["fe"] == "fe/F01"
+    assert sorted(p.name for p in (out / "fe" / "F01").iterdir()) == ["femur.inp", "femur.json", "femur.vtu"]
+    provenance = json.loads((out / "fe" / "F01" / "femur.json").read_text())
+    assert int(row["fe_elements"]) == len(meshio.read(out / "fe" / "F01" / "femur.vtu").cells[0].data) \
+        == provenance["mesh"]["elements"]
+    assert float(row["fe_stiffness_n_mm"]) == pytest.approx(provenance["stance_stiffness_n_mm"], abs=0.05)
+    assert row["fe_warnings"] == "; ".join(provenance["warnings"]) and "internal calibration" in row["fe_warnings"]
+    assert provenance["label"]["path"] == str((out / row["label"]).resolve()) and provenance["law"]["name"] == "keller"
+    assert "fe_elements" in (out / "report.html").read_text()
+
+    again = femurseg("batch", str(inputs), str(out), *options, "--fe-element-size", "60")  # other settings: redone
+    assert again.returncode == 0 and "2 cases (0 already done, 2 computed, 1 failed)" in again.stdout, again
+    rows = {row["case"]: row for row in read_rows(out / "results.csv")}
+    assert rows["F01"]["status"] == "error" and rows["F01"]["error"].startswith("FE model (femur): Element size 60")
+    assert rows["air"]["status"] == "no femur"
 
 
 def test_bad_batch_requests_give_one_line(tmp_path, capsys):
@@ -269,6 +318,8 @@ def test_bad_batch_requests_give_one_line(tmp_path, capsys):
         "shard": [str(twice), str(tmp_path / "out"), "--shard", "2/2"],
         "truth dir": [str(twice), str(tmp_path / "out"), "--truth-dir", str(tmp_path / "none")],
         "smoothing": [str(twice), str(tmp_path / "out"), "--smoothing", "-1"],
+        "fe element size": [str(twice), str(tmp_path / "out"), "--fe", "--fe-element-size", "0"],
+        "fe rods": [str(twice), str(tmp_path / "out"), "--fe", "--fe-calibration", str(no_ct_column)],
     }
     for name, args in requests.items():
         assert main(["batch", *args]) == 2, name
