@@ -13,15 +13,11 @@ task) or blocks in :meth:`wait_for_completion` (scripts and tests).
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from .childprocess import apply_progress, child_error, json_events
+from .childprocess import CommandProcess, apply_progress
 from .errors import FemurSegError
 from .finetune import ITERATIONS_PER_EPOCH, plan_finetune
 
@@ -61,72 +57,39 @@ class FinetuneProcess:
                  iterations: int = ITERATIONS_PER_EPOCH, device: str = "auto", python: str | None = None) -> None:
         self.job = plan_finetune(dataset_dir, base=base, name=name, epochs=epochs, minutes=minutes,
                                  iterations=iterations)
-        command = [python or sys.executable, "-m", "FemurSegLib", "finetune", str(dataset_dir), "--device", device,
-                   "--progress-json", "--name", self.job.name, "--iterations", str(iterations)]
+        arguments = ["finetune", str(dataset_dir), "--device", device, "--progress-json", "--name", self.job.name,
+                     "--iterations", str(iterations)]
         for option, value in (("--from", base), ("--minutes", minutes), ("--epochs", epochs)):
             if value is not None:
-                command += [option, str(value)]
-        environment = dict(os.environ)
-        package_root = str(Path(__file__).resolve().parent.parent)
-        environment["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, environment.get("PYTHONPATH")]))
+                arguments += [option, str(value)]
         self.state = FinetuneState()
         self._lock = threading.Lock()
-        self._stderr: list[str] = []
-        self._kill_at: float | None = None
-        self._process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                         env=environment, start_new_session=True)
-        self._readers = [threading.Thread(target=self._read_stdout, daemon=True),
-                         threading.Thread(target=self._read_stderr, daemon=True)]
-        for reader in self._readers:
-            reader.start()
+        self._child = CommandProcess(arguments, self._on_event, python, CANCEL_GRACE_S)
 
-    def _read_stdout(self) -> None:
-        assert self._process.stdout is not None
-        for event in json_events(self._process.stdout):
-            with self._lock:
-                apply_progress(self.state, event)
-                if "done" in event:
-                    self.state.model_name = str(event["done"])
-                    self.state.model_folder = str(event.get("model", ""))
-                    self.state.summary = str(event.get("summary", ""))
-
-    def _read_stderr(self) -> None:
-        assert self._process.stderr is not None
-        for line in self._process.stderr:
-            self._stderr.append(line.rstrip())
-            del self._stderr[:-200]  # nnU-Net and torch warnings can be many; the last lines say why it ended
-
-    def _signal(self, number: int) -> None:
-        try:
-            os.killpg(self._process.pid, number)
-        except ProcessLookupError:
-            pass
+    def _on_event(self, event: dict) -> None:
+        with self._lock:
+            apply_progress(self.state, event)
+            if "done" in event:
+                self.state.model_name = str(event["done"])
+                self.state.model_folder = str(event.get("model", ""))
+                self.state.summary = str(event.get("summary", ""))
 
     def poll(self) -> FinetuneState:
         """Update and return the state without blocking (and kill a cancelled child that outstayed its grace)."""
-        code = self._process.poll()
-        if code is None and self._kill_at is not None and time.monotonic() > self._kill_at:
-            self._signal(signal.SIGKILL)
-            code = self._process.wait()
+        code = self._child.exit_code()
         if code is not None and not self.state.finished:
-            self._signal(signal.SIGKILL)  # anything the child left in its group
-            for reader in self._readers:
-                reader.join(timeout=5)
             with self._lock:
                 self.state.finished = True
                 if code == 0 and self.state.model_name is not None:
                     self.state.cancelled = False  # it had finished before the cancel reached it
                 elif not self.state.cancelled:
-                    self.state.error = child_error(self._stderr, "Fine-tuning failed" if self._stderr
-                                                   else f"Fine-tuning failed: exit code {code}")
+                    self.state.error = self._child.error("Fine-tuning failed")
         return self.state
 
     def cancel(self) -> None:
         """Interrupt the child now; returns at once (poll or wait_for_completion finish it off)."""
-        if self._process.poll() is None and self._kill_at is None:
+        if self._child.cancel():
             self.state.cancelled = True
-            self._kill_at = time.monotonic() + CANCEL_GRACE_S
-            self._signal(signal.SIGINT)
 
     def wait_for_completion(self, timeout_s: float | None = None) -> FinetuneState:
         """Block until the child ends; raise FemurSegError on failure or time-out (then the child is stopped)."""
