@@ -27,6 +27,8 @@ from trame.widgets.vuetify3 import (
     VTextField,
 )
 
+from .fe import FEModelCard
+
 # Messages wrap instead of running off the panel; disabled controls look disabled (Vuetify's tonal buttons barely
 # change); the drawer's cards stay clear of the sticky message.
 PAGE_CSS = """
@@ -68,6 +70,7 @@ class FemurSegPanel(html.Div):
             self._segment_card(actions)
             self._compare_card()
             self._export_card(actions)
+            FEModelCard.card()
             self._improve_card(actions)
 
     @staticmethod

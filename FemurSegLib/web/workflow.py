@@ -36,6 +36,7 @@ from ..finetune_runner import FinetuneProcess
 from ..imageio import read_ct
 from ..models import list_models
 from ..runner import SegmentationJob, SegmentationWorker
+from .fe import FEModelCard
 from .review import Review
 from .safety import check_minutes, check_upload_size, dataset_dir_inside, model_by_name, read_inside, validated_upload
 
@@ -73,6 +74,7 @@ class Workflow:
             "fs_ft_result": "",
         })
         self.review = Review(self)
+        self.fe = FEModelCard(self)
         self._refresh_models()
         self.server.trigger("fs_upload")(self.upload)
         self.server.trigger("fs_upload_refused")(self.upload_refused)
@@ -94,6 +96,7 @@ class Workflow:
     def close(self) -> None:
         """Stop a running segmentation or fine-tuning and remove this session's temporary files."""
         self.worker.close()  # cancels a running segmentation
+        self.fe.close()  # cancels a running FE build
         if self.finetune_process is not None:
             self.finetune_process.cancel()
             with contextlib.suppress(FemurSegError):

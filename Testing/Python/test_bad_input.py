@@ -680,6 +680,20 @@ row("Slicer: FE model of a segment in two pieces (the child's refusal)", "not on
     lambda folder: fe_from_segment(folder, two_pieces()))
 
 
+def page_fe(check: str, *args: object) -> Attempt:
+    """A check the page's FE card (web/fe.py) makes of its trigger's arguments."""
+    from FemurSegLib.web import fe
+
+    return library(lambda: getattr(fe, check)(*args))
+
+
+row("page: FE model of a case name that is a path", "may only use letters",
+    lambda folder: page_fe("fe_folder_inside", folder, "../up"))
+row("page: FE model with element size 'abc'", "is not a number", lambda folder: page_fe("check_element_size", "abc"))
+row("page: FE model with element size 'inf'", "must be a positive number",
+    lambda folder: page_fe("check_element_size", "inf"))
+
+
 # --- the browser's upload handler ----------------------------------------------------------------------------------
 
 def upload(folder: Path, source: Path, kind: str = "ct", name: str | None = None) -> Attempt:
