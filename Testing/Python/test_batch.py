@@ -32,8 +32,8 @@ from FemurSegLib.report import CONTOUR_COLOURS
 
 REPO = Path(__file__).resolve().parents[2]
 COLUMNS = ["case", "side", "status", "volume_ml", "mean_hu", "fill_dice", "truth_dice", "warnings", "error",
-           "seconds", "finished", "model", "ct", "label", "overlay", "surface", "fe", "fe_elements", "fe_stiffness_n_mm",
-           "fe_warnings"]
+           "seconds", "finished", "model", "ct", "label", "overlay", "surface", "fe", "fe_elements",
+           "fe_stiffness_n_mm", "fe_warnings"]
 
 
 def femurseg(*args: str, **popen) -> subprocess.CompletedProcess:
