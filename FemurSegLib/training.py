@@ -1,8 +1,9 @@
 """The recipe that trains FemurSeg's bundled model, with nnU-Net's own planner, preprocessing and trainer.
 
-Model v6 is two nnU-Net configurations (v4's locator and v4's 1 mm network trained further: its model card says how),
-trained on the phantom families of synthetic/ (cases.py) (legacy SDF phantoms, ex-vivo real shapes, in-vivo hip CTs),
-training subjects only:
+Model v7 is two nnU-Net configurations, v6's locator and 1 mm network continued (``--base-model``, v6's plans) on
+mostly clinical CTs (synthetic/clinical.py: spine, sacrum, organs, knees, CTs without a femur) with the older
+families (synthetic/cases.py: legacy SDF phantoms, ex-vivo real shapes, in-vivo hip CTs) in the mix; its model card
+says exactly how. Training subjects only:
 
 - ``3d_locator`` on ``LOCATOR_DATASET`` (whole fields of view): 3 mm voxels, 64^3 patches (19 cm of context):
   finds the femur(s) in a whole CT cheaply (a 512 x 512 x 300 CT is ~120 x 120 x 80 voxels at 3 mm);
@@ -20,7 +21,8 @@ and planner, the recipe's two configurations, preprocessing), ``locator``, ``fin
 ``--fine-epochs`` in turn), ``bundle`` (stripped fp16 checkpoints, both configurations, model card).
 
 History: v3 (legacy phantoms only, one 1 mm network over the whole volume) reached held-out phantom Dice 0.991
-but 0.000 on real shapes ex-vivo (DESIGN.md §7). Training seeds start at ``TRAIN_SEED_START``; held-out
+but 0.000 on real shapes ex-vivo (DESIGN.md §7). v6 (femurs and hip bones only) reported two femurs on every real
+CT, femur in view or not (DESIGN.md §9): v7's world adds what real CTs hold around the femurs. Training seeds start at ``TRAIN_SEED_START``; held-out
 subjects (Resources/Anatomy) and seeds 1-999 of every family are never used here. The checkpoints are trained by
 the plain ``nnUNetTrainer`` class (only epoch and iteration counts are set on the instance), so any nnU-Net v2
 installation can load them. On a CPU with native bfloat16 the network's forward pass trains in it (precision.py,
@@ -380,6 +382,7 @@ def run_recipe(args) -> None:
         bundle_model(work_dir, model_dir)
         training = {"cases": args.cases, "family_mix": dict(FAMILY_MIX), "iterations": args.iterations,
                     "locator_epochs": args.locator_epochs, "fine_epochs": args.fine_epochs,
+                    "base_model": args.base_model.name if args.base_model else None,
                     "configurations": {name: {k: v for k, v in settings.items() if k != "architecture"}
                                        for name, settings in RECIPE_CONFIGURATIONS.items()},
                     "wall_minutes": round((time.time() - started) / 60) if args.stage == "all" else None}
@@ -457,7 +460,8 @@ def write_model_card(model_dir: Path, training: dict, held_out: dict | None) -> 
     card = {
         "name": MODEL_NAME,
         "version": MODEL_VERSION,
-        "task": "proximal femur (periosteal surface, solid inside), left and right, in ex-vivo QCT and clinical hip CT",
+        "task": "proximal femur (periosteal surface, solid inside), left and right, in ex-vivo QCT and clinical hip, "
+                "pelvis, abdomen and leg CT (only femurs with their head in view; none: an empty label)",
         "framework": f"nnU-Net v2 (nnunetv2 2.8.1), trainer nnUNetTrainer, configurations {LOCATOR_CONFIGURATION} "
                      f"(3 mm locator) and {CONFIGURATION} (1 mm)",
         "locator": LOCATOR_CONFIGURATION,
@@ -468,10 +472,12 @@ def write_model_card(model_dir: Path, training: dict, held_out: dict | None) -> 
         "subject_split": split,
         "held_out_data": "held-out subjects and seeds 1-999 of every family are never used for training",
         "recipe": f"femurseg train-bundled WORK_DIR --cases {training.get('cases')} --iterations "
-                  f"{training.get('iterations')} --locator-epochs {training.get('locator_epochs')} --fine-epochs {fine}",
+                  f"{training.get('iterations')} --locator-epochs {training.get('locator_epochs')} --fine-epochs {fine}"
+                  + (f" --base-model {training['base_model']}" if training.get("base_model") else ""),
         "training": training,
         "held_out_metrics": held_out,
-        "limitations": "Trained on synthetic CTs rendered from real bone surfaces; not validated on real CT. "
+        "limitations": "Trained on synthetic CTs rendered from real bone surfaces; checked on one real CT only "
+                       "(TotalSegmentator's example, never trained on; README). "
                        "Correct its output before using it for finite-element models, and fine-tune on your own "
                        "corrected cases.",
     }

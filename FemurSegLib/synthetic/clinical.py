@@ -21,8 +21,8 @@ import numpy as np
 
 from ..anatomy import AnatomyShape, load_shapes
 from . import CLINICAL_VIEWS
-from .femurs import (CaseInfo, PlacedFemur, draw_intensities, fit_voxels, grid_around, paint_femur, place_femur,
-                     random_rotation, vary)
+from .femurs import (CaseInfo, PlacedFemur, draw_intensities, femur_pair, fit_voxels, grid_around, paint_femur,
+                     random_rotation)
 from .invivo import place_pelvis
 from .render import Grid, blur, bone_hu, smooth_noise, voxelise
 
@@ -39,7 +39,7 @@ def render_clinical(rng: np.random.Generator, seed: int, femurs: list[AnatomySha
     drawn = str(rng.choice([name for name, _ in FIELDS_OF_VIEW], p=[share for _, share in FIELDS_OF_VIEW]))
     view = view or drawn
     needs_whole = view in ("runoff", "legs")
-    placed, subject = _femur_pair(rng, femurs, whole=needs_whole)
+    placed, subject = femur_pair(rng, femurs, whole=needs_whole)
     look = draw_intensities(rng, in_vivo=True)
     if rng.random() < 0.25:  # osteoporotic: trabecular 50-150 HU, thin cortex
         look.trabecular_hu, look.cortex_scale = float(rng.uniform(50, 150)), float(rng.uniform(0.45, 0.75))
@@ -135,24 +135,6 @@ def render_clinical(rng: np.random.Generator, seed: int, femurs: list[AnatomySha
 
 
 # --- anatomy placed in the patient frame -------------------------------------------------------------------------
-
-def _femur_pair(rng: np.random.Generator, femurs: list[AnatomyShape],
-                whole: bool) -> tuple[dict[str, PlacedFemur], str]:
-    """Both femurs of one subject (the missing side mirrored), varied and scaled alike; whole femurs when the field
-    of view reaches the knees (the proximal-only surfaces would end in the thigh)."""
-    by_subject: dict[str, dict[str, AnatomyShape]] = {}
-    for shape in femurs:
-        if not whole or shape.extent == "whole":
-            by_subject.setdefault(shape.subject, {})[shape.side] = shape
-    subject = sorted(by_subject)[rng.integers(len(by_subject))]
-    pair = by_subject[subject]
-    scale = rng.uniform(0.9, 1.1) * rng.uniform(0.96, 1.04, size=3)
-    placed = {}
-    for side in ("left", "right"):
-        source = vary(pair.get(side) or pair["left" if side == "right" else "right"], rng)
-        placed[side] = place_femur(source, mirror=side not in pair, scale=scale, rotation=np.eye(3))
-    return placed, subject
-
 
 def _distal_end(femur: PlacedFemur) -> np.ndarray:
     """The femur's most distal point along its shaft axis, relative to its head centre."""

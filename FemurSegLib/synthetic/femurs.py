@@ -71,6 +71,24 @@ def place_femur(shape: AnatomyShape, mirror: bool, scale: np.ndarray, rotation: 
                        head_top=float(np.max(vertices @ axis)), lesser_trochanter=lesser_along)
 
 
+def femur_pair(rng: np.random.Generator, femurs: list[AnatomyShape],
+               whole: bool = False) -> tuple[dict[str, PlacedFemur], str]:
+    """Both femurs of one subject in its patient frame (a missing side mirrored), varied and scaled alike, and the
+    subject; ``whole``: whole femurs only (a field of view that reaches the knees)."""
+    by_subject: dict[str, dict[str, AnatomyShape]] = {}
+    for shape in femurs:
+        if not whole or shape.extent == "whole":
+            by_subject.setdefault(shape.subject, {})[shape.side] = shape
+    subject = sorted(by_subject)[rng.integers(len(by_subject))]
+    pair = by_subject[subject]
+    scale = rng.uniform(0.9, 1.1) * rng.uniform(0.96, 1.04, size=3)
+    placed = {}
+    for side in ("left", "right"):
+        source = vary(pair.get(side) or pair["left" if side == "right" else "right"], rng)
+        placed[side] = place_femur(source, mirror=side not in pair, scale=scale, rotation=np.eye(3))
+    return placed, subject
+
+
 def warp_by_shape_model(shape: AnatomyShape, coefficients: np.ndarray) -> AnatomyShape:
     """``shape`` deformed by the femur shape model (GIAS3 LLP26): the model's mean is fitted to the shape (ICP,
     similarity), and a thin-plate spline carries every vertex and landmark from the fitted mean to the fitted mean

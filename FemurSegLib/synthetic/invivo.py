@@ -9,23 +9,14 @@ from __future__ import annotations
 import numpy as np
 
 from ..anatomy import AnatomyShape, load_shapes
-from .femurs import (CaseInfo, PlacedFemur, draw_intensities, finish, fit_voxels, grid_around, paint_femur,
-                     place_femur, random_rotation, vary)
+from .femurs import (CaseInfo, PlacedFemur, draw_intensities, femur_pair, finish, fit_voxels, grid_around,
+                     paint_femur, random_rotation)
 from .render import Grid, bone_hu, smooth_noise, voxelise
 
 
 def render_invivo(rng: np.random.Generator, seed: int, femurs: list[AnatomyShape], held_out: bool):
     hemipelves = {shape.side: shape for shape in load_shapes("hemipelvis")}  # one training subject's pelvis
-    by_subject: dict[str, dict[str, AnatomyShape]] = {}
-    for shape in femurs:
-        by_subject.setdefault(shape.subject, {})[shape.side] = shape
-    subject = sorted(by_subject)[rng.integers(len(by_subject))]
-    pair = by_subject[subject]
-    scale = rng.uniform(0.9, 1.1) * rng.uniform(0.96, 1.04, size=3)
-    placed = {}
-    for side in ("left", "right"):
-        source = vary(pair.get(side) or pair["left" if side == "right" else "right"], rng)
-        placed[side] = place_femur(source, mirror=side not in pair, scale=scale, rotation=np.eye(3))
+    placed, subject = femur_pair(rng, femurs)
 
     look = draw_intensities(rng, in_vivo=True)
     joint_space = float(rng.uniform(1.5, 4.0))
