@@ -120,7 +120,7 @@ def test_ten_phantoms_and_a_corrupt_case(phantom_factory, tmp_path):
     assert rows["broken"]["volume_ml"] == "" and rows["broken"]["overlay"] == ""
 
     page = (out / "report.html").read_text()
-    assert "11 cases, 10 ok rows, 1 errors, 2 with warnings" in page and page.count("<tr") == 12
+    assert "11 cases, 10 ok rows, 0 with no femur, 1 errors, 2 with warnings" in page and page.count("<tr") == 12
     for case in cases:
         assert f'<img src="overlays/{case}.png"' in page
     assert "could not be read" in page
