@@ -12,8 +12,8 @@ The test, on a piece's mask (any voxel spacing): candidate centres are the deepe
 (local maxima of its distance map, at least ``MIN_DEPTH_MM`` deep); from each, rays in ``RAY_COUNT`` directions
 find where the piece ends; a sphere is fitted (least squares) to those ends that are not the neck, and the
 *coverage* is the share of rays, among those not cut by the field of view, that end within a tolerance of that
-sphere, and *one-sidedness* the length of the mean direction of the rays that do not (1: all in one cone, the
-neck). The best candidate gives the piece's head. Pieces whose head is out of view are not femurs here: FemurSeg
+sphere, and *one-sidedness* the length of the mean direction of the rays that run on clearly beyond it (1: all in
+one cone, the neck). Counting only those, not every ray that misses by a voxel, keeps it robust to thick voxels. The best candidate gives the piece's head. Pieces whose head is out of view are not femurs here: FemurSeg
 segments the proximal femur.
 """
 
@@ -29,8 +29,8 @@ PROSTHETIC_HEAD_RADIUS_MM = (10.0, 20.0)  # hip replacement heads: 22-36 mm in d
 METAL_HU = 2000.0  # a head whose inside is this bright on average is an implant's
 FEMUR_COVERAGE = 0.65  # at or above: a femoral head (rendered real heads: 0.80-0.88; vertebrae, tibiae: <= 0.52)
 BORDERLINE_COVERAGE = 0.57  # from here to FEMUR_COVERAGE: labelled, with a warning that says why
-ONE_SIDED = 0.45  # a head's missed rays lie on one side, in its neck (rendered femurs 0.69-0.81); a cylinder's
-# (vertebral body, tibia) on two opposite sides (0.06-0.11), a plate's all round (sacrum 0.09, hip bone 0.19-0.26)
+ONE_SIDED = 0.7  # rays that run on clearly beyond a head do so on one side, into its neck (femurs 0.89-0.92, also
+# at 3-4 mm); a cylinder's (vertebral body, tibia) on opposite sides, a plate's all round (stored real shapes: <= 0.55)
 MIN_DEPTH_MM = 10.0  # a candidate centre lies at least this deep inside the piece
 MIN_VIEWED = 0.5  # share of rays inside the field of view (CTs often end just below the femoral heads)
 RAY_COUNT = 200
@@ -47,7 +47,7 @@ class HeadFit:
     coverage: float
     viewed: float  # share of rays not cut by the field of view
     prosthetic: bool = False  # the head is an implant's (metal inside): its radius range is PROSTHETIC_HEAD_RADIUS_MM
-    one_sided: float = 1.0  # resultant length of the rays that miss the sphere: 1 = all on one side (the neck)
+    one_sided: float = 1.0  # resultant length of the rays that run on beyond the sphere: 1 = all on one side (neck)
 
     @property
     def is_femur(self) -> bool:
@@ -199,8 +199,8 @@ def _fit_at(solid: np.ndarray, spacing: np.ndarray, centre: np.ndarray, directio
         use = judged & (np.abs(ends - radius) <= 2 * tolerance)
     viewed = float(judged.mean())
     coverage = float((near & judged).sum() / max(1, judged.sum()))
-    missed = judged & ~near
-    one_sided = float(np.linalg.norm(directions[missed].mean(axis=0))) if missed.any() else 1.0
+    runs_on = judged & (ends > radius + 2 * tolerance)  # clearly beyond the sphere: where the bone goes on
+    one_sided = float(np.linalg.norm(directions[runs_on].mean(axis=0))) if runs_on.any() else 1.0
     return HeadFit(tuple(float(c) for c in centre), float(radius), coverage, viewed, one_sided=one_sided)
 
 
