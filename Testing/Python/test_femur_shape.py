@@ -75,13 +75,13 @@ def test_a_metal_head_is_judged_as_a_hip_replacement():
 
 
 def test_a_head_at_the_edge_of_the_image_counts_only_when_most_of_it_is_in_view():
-    """CTs often end just below the femoral heads: a head whose neck is out of view is still a head; one cut
-    through above its centre cannot be judged."""
+    """CTs often end at the femoral necks: a head whose neck leaves the image is still a head; one cut through
+    above its centre cannot be judged."""
     spacing = (1.0, 1.0, 1.0)
     points = _grid((200.0, 90.0, 110.0), spacing)
     mask = _proximal_femur(points, 23.0)
     centre_row = int(round(100.0 / spacing[0]))  # the head centre's slice
-    below = fit_femoral_head(mask[centre_row - 10:], spacing)  # the image begins 10 mm below the head centre
+    below = fit_femoral_head(mask[centre_row - 30:], spacing)  # the image begins 30 mm below the head centre
     assert below.is_femur and below.viewed < 1.0, below
     above = fit_femoral_head(mask[centre_row + 10:], spacing)  # ... 10 mm above it
     assert not above.is_femur and not above.is_borderline, above
