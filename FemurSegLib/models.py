@@ -42,7 +42,7 @@ from .iopolicy import UMASK, check_name, disk_full_message, plain_component, req
 from .modelschema import check_card, check_dataset_json, check_plans, check_tree, load_json
 
 BUNDLED_MODELS_DIR = Path(__file__).resolve().parent.parent / "Resources" / "Models"
-DEFAULT_MODEL = "FemurReal3dSmall-v6"
+DEFAULT_MODEL = "FemurReal3dSmall-v7"
 MAX_ZIP_BYTES = 4 * 1024**3
 MAX_ZIP_MEMBERS = 20_000  # as modelschema.MAX_ENTRIES
 MAX_COMPRESSION_RATIO = 100  # deflated checkpoints shrink ~1.1x, JSON ~10x; a zip bomb 1000x

@@ -237,7 +237,7 @@ def main() -> None:
         for case in cases:
             info = infos[case]
             if info["family"] == "no femur":
-                found = sitk.GetArrayViewFromImage(sitk.ReadImage(str(out_dir / f"{case}_femurseg.nrrd")))
+                found = sitk.GetArrayFromImage(sitk.ReadImage(str(out_dir / f"{case}_femurseg.nrrd")))
                 results.setdefault("no_femur", []).append(
                     {"case": case, "view": info["view"], "femurs_reported": int(len(np.unique(found)) - 1),
                      "seconds": runs["femurseg"].get("times_s", {}).get(case)})

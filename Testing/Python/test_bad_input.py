@@ -1451,7 +1451,7 @@ for _text in ("abc", "-5", "nan", "inf", "0", "", "[1]"):
 for _value in ("validation", "", None, "TEST", ["test"]):
     row(f"web export split {_value!r}", "must be train or test",
         lambda folder, value=_value: web(lambda: safety().check_split(value)))
-for _value in ("/etc", "../../x", 123, "NoSuchModel", ["FemurReal3dSmall-v6"]):
+for _value in ("/etc", "../../x", 123, "NoSuchModel", ["FemurReal3dSmall-v7"]):
     row(f"web model choice {_value!r}", "is not in the model list",
         lambda folder, value=_value: web(lambda: safety().model_by_name(value)))
 row("web model choice: the bundled model's server path (the fine-tune trigger took any path)",
@@ -1630,7 +1630,7 @@ def test_bad_input_is_refused_in_one_line_and_changes_nothing(name: str, tmp_pat
 # --- what the policy must still allow, and where things are found ---------------------------------------------------
 
 def test_the_bundled_model_is_never_a_folder_of_its_name_in_the_current_directory(tmp_path, monkeypatch):
-    """`train-bundled .` leaves FemurReal3dSmall-v6/ in the current directory; the name still means the bundled one."""
+    """`train-bundled .` leaves FemurReal3dSmall-v7/ in the current directory; the name still means the bundled one."""
     monkeypatch.chdir(tmp_path)
     bundled = resolve_model(None)
     shutil.copytree(bundled.root, tmp_path / bundled.name)
