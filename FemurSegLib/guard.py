@@ -67,12 +67,18 @@ def ct_warnings(ct: sitk.Image) -> list[str]:
         problems.append(f"values run from {low:.0f} to {high:.0f} with median {median:.0f}: this looks "
                         "like raw scanner numbers without the rescale offset (water ~1000 instead of 0); convert to "
                         "HU first (usually subtract 1024)")
+    elif median < -1500.0:
+        problems.append(f"the median value is {median:.0f}, below air (-1000): the CT seems shifted by -1024 once "
+                        "too often; add 1024 to its values")
     elif high < 300.0:
         problems.append(f"the brightest voxels are {high:.0f} HU: no bone (cortical bone is above ~700 HU); is "
                         "this a CT in Hounsfield units?")
     elif low > -200.0 and (high > 4000.0 or median > 1400.0):
         problems.append(f"values run from {low:.0f} to {high:.0f}: not the Hounsfield range of a CT (air -1000, "
                         "water 0, cortical bone 700-2000)")
+    elif float(sample.min()) >= 0.0:
+        problems.append(f"no value is below 0 (they run from {low:.0f} to {high:.0f}): a CT in HU has air at -1000 "
+                        "or at least water's noise around 0; is this an MRI, or a CT without its rescale?")
     return problems
 
 

@@ -29,6 +29,8 @@ def test_a_phantom_ct_in_hu_passes(sample_ct):
     (lambda a: a.astype(np.int32) + 1024, "raw scanner numbers"),
     (lambda a: np.clip(a, -1000, 200), "no bone"),
     (lambda a: a.astype(np.float32) * 8.0 + 3000.0, "not the Hounsfield range"),
+    (lambda a: (a - a.min()) * (1000.0 / float(a.max() - a.min())), "no value is below 0"),  # MRI-like, 0-1000
+    (lambda a: a.astype(np.int32) - 2048, "shifted by -1024 once too often"),
 ])
 def test_images_that_are_not_a_ct_in_hu_are_named(sample_ct, make, words):
     problems = ct_warnings(_like(sample_ct, make(sitk.GetArrayFromImage(sample_ct))))
