@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from .errors import FemurSegError
+
 ERROR_PREFIX = "femurseg: error: "
 STDERR_LINES_KEPT = 200
 
@@ -121,3 +123,34 @@ class CommandProcess:
     def error(self, what: str) -> str:
         """Why the child failed, for ``what`` ("Fine-tuning failed")."""
         return child_error(self.stderr, what if self.stderr else f"{what}: exit code {self._process.returncode}")
+
+
+class CommandJob:
+    """Cancel and a blocking wait for the background jobs built on a CommandProcess (fine-tuning, FE models).
+    A subclass sets ``_child`` and ``state`` (with ``finished``, ``cancelled`` and ``error``), ``poll`` and ``what``
+    (how its time-out message names it)."""
+
+    what = "The job"
+    _child: CommandProcess
+    state: Any
+
+    def poll(self) -> Any:
+        raise NotImplementedError
+
+    def cancel(self) -> None:
+        """Interrupt the child now; returns at once (poll or wait_for_completion finish it off)."""
+        if self._child.cancel():
+            self.state.cancelled = True
+
+    def wait_for_completion(self, timeout_s: float | None = None) -> Any:
+        """Block until the child ends; raise FemurSegError on failure or time-out (then the child is stopped)."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while not self.poll().finished:
+            if deadline is not None and time.monotonic() > deadline and not self.state.cancelled:
+                self.cancel()
+                self.wait_for_completion()
+                raise FemurSegError(f"{self.what} took longer than {timeout_s:.0f} s and was stopped.")
+            time.sleep(0.1)
+        if self.state.error:
+            raise FemurSegError(self.state.error)
+        return self.state

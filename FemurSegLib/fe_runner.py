@@ -16,14 +16,13 @@ import os
 import shutil
 import tempfile
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import SimpleITK as sitk
 
-from .childprocess import CommandProcess, apply_progress
+from .childprocess import CommandJob, CommandProcess, apply_progress
 from .errors import AlreadyExists, FemurSegError
 from .fe.calibration import read_rods
 from .fe.pipeline import STEM, FEOptions, output_files
@@ -70,9 +69,11 @@ def fe_arguments(options: FEOptions, calibration: str) -> list[str]:
     return arguments + (["--value", str(options.value)] if options.value is not None else [])
 
 
-class FEProcess:
+class FEProcess(CommandJob):
     """One background FE build of ``label`` (the femur, on the CT's grid) into ``out_dir``; read ``state`` at any
     time (after :meth:`poll`)."""
+
+    what = "The FE model"
 
     def __init__(self, ct: sitk.Image, label: sitk.Image, out_dir: str | os.PathLike, calibration: str = "internal",
                  options: FEOptions = FEOptions(), replace: bool = False, python: str | None = None) -> None:
@@ -132,24 +133,6 @@ class FEProcess:
             path.unlink(missing_ok=True)
         if self._new_folder is not None and self._new_folder.is_dir() and not any(self._new_folder.iterdir()):
             self._new_folder.rmdir()
-
-    def cancel(self) -> None:
-        """Interrupt the child now; returns at once (poll or wait_for_completion finish it off)."""
-        if self._child.cancel():
-            self.state.cancelled = True
-
-    def wait_for_completion(self, timeout_s: float | None = None) -> FEState:
-        """Block until the child ends; raise FemurSegError on failure or time-out (then the child is stopped)."""
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while not self.poll().finished:
-            if deadline is not None and time.monotonic() > deadline and not self.state.cancelled:
-                self.cancel()
-                self.wait_for_completion()
-                raise FemurSegError(f"The FE model took longer than {timeout_s:.0f} s and was stopped.")
-            time.sleep(0.1)
-        if self.state.error:
-            raise FemurSegError(self.state.error)
-        return self.state
 
 
 def start_from_segment(scene: Any, seg_logic: Any, segmentation_node: Any, segment_id: str | None,

@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from dataclasses import dataclass, field
 
-from .childprocess import CommandProcess, apply_progress
-from .errors import FemurSegError
+from .childprocess import CommandJob, CommandProcess, apply_progress
 from .finetune import ITERATIONS_PER_EPOCH, plan_finetune
 
 CANCEL_GRACE_S = 15.0  # one training iteration on a 2-core CPU takes a few seconds
@@ -47,10 +45,12 @@ class FinetuneState:
         return f"New model {self.model_name} installed and selected: {self.summary}."
 
 
-class FinetuneProcess:
+class FinetuneProcess(CommandJob):
     """One background fine-tuning; read ``state`` at any time (after :meth:`poll`). The request is checked here
     first (:func:`finetune.plan_finetune`, FemurSegError at once: no child starts for a refused request);
     ``job`` says what the child will do."""
+
+    what = "Fine-tuning"
 
     def __init__(self, dataset_dir: str | os.PathLike, base: str | None = None, name: str | None = None,
                  minutes: float | None = None, epochs: int | None = None,
@@ -84,22 +84,4 @@ class FinetuneProcess:
                     self.state.cancelled = False  # it had finished before the cancel reached it
                 elif not self.state.cancelled:
                     self.state.error = self._child.error("Fine-tuning failed")
-        return self.state
-
-    def cancel(self) -> None:
-        """Interrupt the child now; returns at once (poll or wait_for_completion finish it off)."""
-        if self._child.cancel():
-            self.state.cancelled = True
-
-    def wait_for_completion(self, timeout_s: float | None = None) -> FinetuneState:
-        """Block until the child ends; raise FemurSegError on failure or time-out (then the child is stopped)."""
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while not self.poll().finished:
-            if deadline is not None and time.monotonic() > deadline and not self.state.cancelled:
-                self.cancel()
-                self.wait_for_completion()
-                raise FemurSegError(f"Fine-tuning took longer than {timeout_s:.0f} s and was stopped.")
-            time.sleep(0.1)
-        if self.state.error:
-            raise FemurSegError(self.state.error)
         return self.state

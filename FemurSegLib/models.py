@@ -23,7 +23,6 @@ trust, and a trust file that came with a folder or zip is never honoured.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import pickle
@@ -38,7 +37,8 @@ from pathlib import Path
 
 from .dataset import DATASET_FOLDER, femur_label
 from .errors import FemurSegError
-from .iopolicy import UMASK, check_name, disk_full_message, plain_component, require_input_file, resolved, shown
+from .iopolicy import (UMASK, check_name, disk_full_message, file_sha256, plain_component, require_input_file, resolved,
+                       shown)
 from .modelschema import check_card, check_dataset_json, check_plans, check_tree, load_json
 
 BUNDLED_MODELS_DIR = Path(__file__).resolve().parent.parent / "Resources" / "Models"
@@ -235,14 +235,6 @@ def needs_full_pickle(checkpoint: Path) -> bool:
     return False
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _trusted_hashes(model: ModelInfo) -> dict[str, str]:
     """The checkpoint hashes the user trusted at install; empty for a folder used in place (its own file is ignored)."""
     root = model.root.resolve()
@@ -264,7 +256,7 @@ def require_loadable_checkpoints(model: ModelInfo) -> None:
             continue
         relative = path.relative_to(model.root).as_posix()
         if relative in trusted:
-            if trusted[relative] == _sha256(path):
+            if trusted[relative] == file_sha256(path):
                 continue
             raise FemurSegError(
                 f"Checkpoint '{path}' of model '{model.name}' changed since it was installed with --trust; it was not "
@@ -443,7 +435,7 @@ def install_model(source: Path, name: str | None = None, trust_pickle: bool = Fa
             )
         if trust_pickle:
             record = {"trusted_with": "femurseg models install --trust", "source": str(source.resolve()),
-                      "checkpoints": {p.relative_to(staging).as_posix(): _sha256(p) for p in checkpoints.values()}}
+                      "checkpoints": {p.relative_to(staging).as_posix(): file_sha256(p) for p in checkpoints.values()}}
             (staging / TRUST_FILE).write_text(json.dumps(record, indent=2) + "\n")
         os.chmod(staging, 0o777 & ~UMASK)  # mkdtemp makes 0700: others could not use a zip-installed model
         os.replace(staging, final)

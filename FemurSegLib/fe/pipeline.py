@@ -7,7 +7,6 @@ check, write each requested format atomically and a provenance JSON that says ho
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -22,6 +21,7 @@ from .. import __version__
 from ..errors import FemurSegError
 from ..imageio import (check_output_path, prepare_output_folder, read_ct, read_label, require_same_grid,
                        write_bytes_atomic)
+from ..iopolicy import file_sha256
 from .calibration import Calibration, internal_calibration, read_rods
 from .loadcases import find_load_cases
 from .mapping import map_materials, points_per_direction
@@ -101,14 +101,6 @@ def stance_stiffness(model: FEModel) -> float:
                            np.array(model.load_directions["stance"]))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def output_files(out_dir: Path, formats: tuple[str, ...]) -> dict[str, Path]:
     return {kind: out_dir / f"{STEM}.{kind}" for kind in formats}
 
@@ -162,8 +154,8 @@ def run_fe(ct_path: str | os.PathLike, label_path: str | os.PathLike, out_dir: s
     seconds["write"] = time.perf_counter() - start
     provenance = {
         "femurseg_version": __version__,
-        "ct": {"path": str(Path(ct_path).resolve()), "sha256": _sha256(Path(ct_path))},
-        "label": {"path": str(Path(label_path).resolve()), "sha256": _sha256(Path(label_path)),
+        "ct": {"path": str(Path(ct_path).resolve()), "sha256": file_sha256(Path(ct_path))},
+        "label": {"path": str(Path(label_path).resolve()), "sha256": file_sha256(Path(label_path)),
                   "value": options.value},
         "units": {"length": "mm", "force": "N", "modulus": "MPa", "density": "mg/cm^3 equivalent"},
         "coordinates": "LPS",
